@@ -1,0 +1,72 @@
+"""Self-attention: q/k/v projection (fused or separate), rotary, the KV cache, and SDPA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import Config
+from .rope import apply_rope
+
+# SDPA learned to broadcast key/value heads (GQA) in torch 2.5; before that, repeat them.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class Step:
+    """What every layer needs to know about the current forward pass."""
+
+    cos: torch.Tensor | None  # rotary tables [B, 1, T, rd/2], or None for learned positions
+    sin: torch.Tensor | None
+    mask: torch.Tensor | None  # boolean [B|1, 1, Tq, Tk], or None when is_causal covers it
+    is_causal: bool
+    cache: KVCache | None
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = c.n_heads, c.kv_heads, c.head_size
+        self.rope_pairing = c.rope_pairing if c.positions == "rope" else None
+        q_out, kv_out = self.n_heads * self.hd, self.n_kv * self.hd
+        self.split = (q_out, kv_out, kv_out)
+        if c.fused_qkv:
+            # Qwen1 and ChatGLM: one matrix whose output is all-Q | all-K | all-V.
+            self.qkv = nn.Linear(c.d_model, sum(self.split), bias=c.qkv_bias)
+        else:
+            self.q = nn.Linear(c.d_model, q_out, bias=c.qkv_bias)
+            self.k = nn.Linear(c.d_model, kv_out, bias=c.qkv_bias)
+            self.v = nn.Linear(c.d_model, kv_out, bias=c.qkv_bias)
+        self.o = nn.Linear(q_out, c.d_model, bias=c.o_bias)
+
+    def project(self, x: torch.Tensor):
+        if hasattr(self, "qkv"):
+            return self.qkv(x).split(self.split, dim=-1)
+        return self.q(x), self.k(x), self.v(x)
+
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.rope_pairing is not None:
+            q = apply_rope(q, step.cos, step.sin, self.rope_pairing)
+            k = apply_rope(k, step.cos, step.sin, self.rope_pairing)
+        if step.cache is not None:
+            k, v = step.cache.update(layer, k, v)
+        y = sdpa(q, k, v, step.mask, step.is_causal)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+def sdpa(q, k, v, mask, is_causal):
+    if q.shape[1] != k.shape[1]:
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)

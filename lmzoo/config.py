@@ -1,0 +1,181 @@
+"""Config: one documented field per architectural choice of the decoder.
+
+The defaults describe the classic decoder of the source document (pre-norm RMSNorm, rotary
+positions, SwiGLU MLP, no biases: Llama's block); a family is the set of fields it changes
+(see families.py). `Config.explain(name)` returns a field's one-line documentation,
+which `lmzoo info` prints next to each difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LmzooError
+
+NORM_KINDS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+POSITION_KINDS = ("learned", "rope", "none")
+ROPE_PAIRINGS = ("half", "interleaved")
+ROPE_SCALINGS = (None, "linear", "llama3", "dynamic")
+MLP_KINDS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+LM_TYPES = ("causal", "prefix")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every field is a difference some family makes to the classic decoder."""
+
+    family: str = "custom"
+    """Display name of the preset this config came from (never read by model code)."""
+
+    # --- sizes -------------------------------------------------------------------------
+    vocab_size: int = 32000
+    """Number of rows of the token embedding and of the output head."""
+    n_layers: int = 12
+    """Number of decoder blocks."""
+    d_model: int = 768
+    """Width of the residual stream (hidden size)."""
+    n_heads: int = 12
+    """Number of query heads."""
+    n_kv_heads: int | None = None
+    """Number of key/value heads: = n_heads is MHA, fewer is GQA, 1 is MQA (None: = n_heads)."""
+    head_dim: int | None = None
+    """Width of one attention head (None: d_model // n_heads)."""
+    d_ff: int = 3072
+    """Hidden width of the MLP (per expert for MoE)."""
+    max_seq_len: int = 2048
+    """Context length: the most positions the model was trained for."""
+
+    # --- normalisation -----------------------------------------------------------------
+    norm: str = "rmsnorm"
+    """Normalisation layer: 'layernorm' (mean and variance, with bias) or 'rmsnorm' (scale only)."""
+    norm_eps: float = 1e-5
+    """Epsilon added to the variance inside the norm."""
+    norm_bias: bool = False
+    """Whether LayerNorm has a learned bias (RMSNorm never has)."""
+    norm_position: str = "pre"
+    """'pre': x + f(norm(x)), as GPT-2 and later; 'post': norm(x + f(x)), as GPT-1."""
+    final_norm: bool = True
+    """One more norm after the last block (GPT-2 added it; GPT-1 has none)."""
+
+    # --- positions ---------------------------------------------------------------------
+    positions: str = "rope"
+    """'learned': an absolute position embedding added to the tokens (GPT); 'rope': rotary."""
+    rope_base: float = 10000.0
+    """Rotary base theta: frequencies are base^(-2i/d)."""
+    rope_fraction: float = 1.0
+    """Fraction of each head's dims that rotate (ChatGLM rotates half, the rest pass through)."""
+    rope_pairing: str = "half"
+    """Which dims rotate together: 'half' pairs i with i+d/2 (HF Llama), 'interleaved' pairs 2i, 2i+1."""
+    rope_scaling: str | None = None
+    """Context extension of the rotary frequencies: None, 'linear', 'llama3' or 'dynamic' (NTK)."""
+    rope_factor: float = 1.0
+    """Scaling factor for rope_scaling."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original_len/low_freq_factor are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original_len/high_freq_factor are kept as they are."""
+    rope_original_max_seq_len: int = 8192
+    """llama3 scaling: the context length the frequencies were trained for."""
+
+    # --- attention ---------------------------------------------------------------------
+    qkv_bias: bool = False
+    """Bias on the q, k and v projections (Qwen, ChatGLM, GPT)."""
+    o_bias: bool = False
+    """Bias on the attention output projection (GPT)."""
+    fused_qkv: bool = False
+    """One matrix computes q|k|v (Qwen1, ChatGLM, GPT-2's c_attn); otherwise three matrices."""
+    sliding_window: int | None = None
+    """Each token attends only to the last `sliding_window` positions, itself included (Mistral)."""
+    lm_type: str = "causal"
+    """'causal': each token sees only earlier ones; 'prefix': the prompt sees itself both ways."""
+
+    # --- MLP ---------------------------------------------------------------------------
+    mlp: str = "swiglu"
+    """'gelu': down(act(up(x))); 'swiglu': down(act(gate(x)) * up(x)) (Llama and later)."""
+    activation: str = "silu"
+    """Activation inside the MLP: 'gelu', 'gelu_tanh' (GPT), 'silu' (SwiGLU), 'relu'."""
+    mlp_bias: bool = False
+    """Bias on the MLP projections (GPT)."""
+    fused_gate_up: bool = False
+    """One matrix computes gate|up (ChatGLM's dense_h_to_4h); otherwise two matrices."""
+
+    # --- embeddings and init -----------------------------------------------------------
+    tie_embeddings: bool = False
+    """The output head reuses the token embedding matrix."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init of weights."""
+    scaled_residual_init: bool = False
+    """GPT-2 scales residual projections' init by 1/sqrt(2*n_layers), keeping the residual sum's variance."""
+
+    # -----------------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rope_dims(self) -> int:
+        """Number of dims per head that rotate (always even)."""
+        return int(self.head_size * self.rope_fraction) // 2 * 2
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some fields changed: the way every preset is written as a diff."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise LmzooError(f"Config has no field(s) {sorted(unknown)}; fields: {field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def explain(name: str) -> str:
+        return FIELD_DOCS.get(name, "")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _check(c: Config) -> None:
+    choices = {
+        "norm": NORM_KINDS, "norm_position": NORM_POSITIONS, "positions": POSITION_KINDS,
+        "rope_pairing": ROPE_PAIRINGS, "rope_scaling": ROPE_SCALINGS, "mlp": MLP_KINDS,
+        "activation": ACTIVATIONS, "lm_type": LM_TYPES,
+    }
+    for name, allowed in choices.items():
+        if getattr(c, name) not in allowed:
+            raise LmzooError(f"Config.{name}={getattr(c, name)!r} is not one of {list(allowed)}")
+    if c.n_heads % c.kv_heads:
+        raise LmzooError(f"Config.n_heads={c.n_heads} must be a multiple of n_kv_heads={c.kv_heads}")
+    if c.sliding_window is not None and c.sliding_window < 1:
+        raise LmzooError(f"Config.sliding_window={c.sliding_window} must be >= 1 (or None)")
+    if not 0.0 < c.rope_fraction <= 1.0:
+        raise LmzooError(f"Config.rope_fraction={c.rope_fraction} must be in (0, 1]")
+
+
+def _field_docs() -> dict[str, str]:
+    """Read each field's docstring (the string literal under it) from this module's source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(Config))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = nxt.value.value
+    return docs
+
+
+FIELD_DOCS: dict[str, str] = _field_docs()

@@ -1,0 +1,197 @@
+"""The one decoder: embeddings -> blocks -> final norm -> head. Every family runs through it.
+
+Read top to bottom: a block is attention and MLP, each wrapped in a norm and a residual; the
+config decides where the norm sits, how positions enter, and how each sublayer is shaped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, Step
+from .cache import KVCache
+from .config import Config
+from .errors import LmzooError
+from .masks import build_mask
+from .mlp import MLP
+from .rope import rope_tables
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 so bf16 models normalise as precisely as fp32."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(c: Config) -> nn.Module:
+    if c.norm == "rmsnorm":
+        return RMSNorm(c.d_model, c.norm_eps)
+    return nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.norm_bias)
+
+
+class Block(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.pre_norm = c.norm_position == "pre"
+        self.attn_norm = make_norm(c)
+        self.attn = Attention(c)
+        self.mlp_norm = make_norm(c)
+        self.mlp = MLP(c)
+
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+        if self.pre_norm:  # GPT-2 onwards: the residual stream itself is never normalised
+            x = x + self.attn(self.attn_norm(x), step, layer)
+            return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + self.attn(x, step, layer))  # GPT-1: normalise after the add
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        c = self.config = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        if c.positions == "learned":
+            self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.final_norm = make_norm(c) if c.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        c = self.config
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # norm scales
+                nn.init.ones_(p)
+            else:
+                std = c.init_std
+                if c.scaled_residual_init and name.endswith(("attn.o.weight", "mlp.down.weight")):
+                    # GPT-2: each block adds two residual branches; scaling their init by
+                    # 1/sqrt(2*n_layers) keeps the variance of the residual sum at one.
+                    std = std / math.sqrt(2 * c.n_layers)
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        prefix_len: int | torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for input_ids [B, T].
+
+        attention_mask: [B, T] with 0 at padding (as in transformers); padding keys are hidden.
+        position_ids:   [B, T]; default: consecutive, starting after the cache (or after the
+                        left padding, when attention_mask is given).
+        prefix_len:     int or [B]: the first prefix_len tokens see each other both ways.
+        cache:          a KVCache; the new keys/values are appended and the cache advances.
+        """
+        return self.lm_head(self.hidden_states(input_ids, attention_mask=attention_mask,
+                                               position_ids=position_ids, prefix_len=prefix_len, cache=cache))
+
+    def hidden_states(self, input_ids, *, attention_mask=None, position_ids=None, prefix_len=None, cache=None):
+        """The final-norm output [B, T, d_model], before the head."""
+        c = self.config
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > c.max_seq_len:
+            raise LmzooError(
+                f"sequence of {start + T} tokens is longer than the context of {c.max_seq_len} "
+                f"(Config.max_seq_len); shorten the prompt or lower max_new_tokens")
+        if cache is not None and start + T > cache.max_len:
+            raise LmzooError(f"KV cache holds {cache.max_len} tokens; {start + T} requested")
+
+        key_valid = self._key_validity(attention_mask, cache, start, T)
+        if position_ids is None:
+            position_ids = self._default_positions(key_valid, start, T, B, input_ids.device)
+
+        x = self.tok_emb(input_ids)
+        cos = sin = None
+        if c.positions == "learned":
+            x = x + self.pos_emb(position_ids)
+        elif c.positions == "rope":
+            cos, sin = rope_tables(c, position_ids, seq_len=start + T)
+
+        mask, is_causal = self._mask(start, T, key_valid, prefix_len, input_ids.device, B)
+        step = Step(cos=cos, sin=sin, mask=mask, is_causal=is_causal, cache=cache)
+        for i, block in enumerate(self.blocks):
+            x = block(x, step, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.final_norm(x)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _key_validity(attention_mask, cache, start, T):
+        """Which key slots hold real tokens: [B, start+T], or None when all of them do."""
+        if cache is not None:
+            new = attention_mask.bool() if attention_mask is not None else True
+            cache.key_valid[:, start:start + T] = new
+            valid = cache.key_valid[:, :start + T]
+            return None if bool(valid.all()) else valid
+        if attention_mask is None or bool(attention_mask.bool().all()):
+            return None
+        return attention_mask.bool()
+
+    @staticmethod
+    def _default_positions(key_valid, start, T, B, device):
+        if key_valid is None:
+            return torch.arange(start, start + T, device=device).expand(B, T)
+        # Positions count real tokens only, so a left-padded prompt starts at position 0.
+        pos = key_valid.long().cumsum(-1) - 1
+        return pos[:, start:start + T].clamp(min=0)
+
+    def _mask(self, start, T, key_valid, prefix_len, device, B):
+        """The boolean mask, or (None, True) when SDPA's built-in causal mask says it all."""
+        c = self.config
+        if prefix_len is None and c.lm_type == "prefix":
+            raise LmzooError("this model is a prefix LM (Config.lm_type='prefix'): pass prefix_len")
+        plain = key_valid is None and prefix_len is None and (c.sliding_window is None or start + T <= c.sliding_window)
+        if plain and start == 0:
+            return None, T > 1
+        if plain and T == 1:
+            return None, False  # one new query sees every cached key
+        if prefix_len is not None:
+            prefix_len = torch.as_tensor(prefix_len, device=device).expand(B)
+        q_slots = torch.arange(start, start + T, device=device)
+        return build_mask(q_slots, start + T, window=c.sliding_window, prefix_len=prefix_len,
+                          key_valid=key_valid), False
+
+    # ------------------------------------------------------------------ conveniences
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.config, batch, max_len or self.config.max_seq_len, dtype=p.dtype, device=p.device)
+
+    def generate(self, input_ids, max_new_tokens: int = 64, **kwargs):
+        """Prompt + new tokens; see lmzoo.generate.generate for the options."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def loss(self, input_ids, labels, **kwargs) -> torch.Tensor:
+        """Mean next-token cross-entropy over labelled positions (label -100 is ignored)."""
+        logits = self(input_ids, **kwargs)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

@@ -1,0 +1,55 @@
+"""Every supported HF model_type, loaded through the production loader, matches transformers."""
+
+import pytest
+import torch
+import transformers
+
+import lmzoo
+from hf_oracle import ids, save, tiny_hf_model
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+CASES = {
+    "llama-mha": ("llama", dict(num_key_value_heads=4)),
+    "llama-gqa": ("llama", dict(num_key_value_heads=2)),
+    "llama-mqa-tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama3-rope-scaling": ("llama", dict(num_key_value_heads=2, rope_scaling=LLAMA3_ROPE)),
+    "llama3-rope-scaling-tied": ("llama", dict(num_key_value_heads=2, rope_scaling=LLAMA3_ROPE,
+                                               tie_word_embeddings=True)),
+    "llama-linear-rope": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama-attention-bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "mistral-window-off": ("mistral", dict(num_key_value_heads=2, sliding_window=None)),
+    "mistral-window-on": ("mistral", dict(num_key_value_heads=2, sliding_window=7)),
+    "qwen2": ("qwen2", dict(num_key_value_heads=2)),
+    "qwen2-tied": ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_equal_transformers(case, tmp_path):
+    model_type, overrides = CASES[case]
+    oracle = tiny_hf_model(model_type, **overrides)
+    ours, _ = lmzoo.load(save(oracle, tmp_path / "ckpt"))
+    x = ids(length=40)  # longer than the sliding window and the llama3 original context
+    with torch.no_grad():
+        expected = oracle(x).logits
+        got = ours(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "llama3-rope-scaling-tied", "mistral-window-on", "qwen2"])
+def test_round_trip_through_transformers(case, tmp_path):
+    model_type, overrides = CASES[case]
+    oracle = tiny_hf_model(model_type, **overrides)
+    ours, _ = lmzoo.load(save(oracle, tmp_path / "a"))
+    lmzoo.save_hf_dir(ours, tmp_path / "b")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b", attn_implementation="eager").eval()
+    assert type(reloaded) is type(oracle)
+    x = ids(length=30)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, oracle(x).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(x), oracle(x).logits, atol=1e-5, rtol=0)
+    again, _ = lmzoo.load(tmp_path / "b")
+    assert again.config == ours.config
