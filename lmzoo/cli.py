@@ -1,0 +1,186 @@
+"""The `lmzoo` command line. Errors print one line (no traceback) and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import LmzooError
+
+
+def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("source", help="preset name, Hugging Face directory or .gguf file")
+    else:
+        p.add_argument("--model", dest="source", default=None,
+                       help="preset, Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmzoo", description="The decoder-only LLM families as one decoder.")
+    parser.add_argument("--version", action="version", version=f"lmzoo {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="continue or answer a prompt")
+    p.add_argument("prompt")
+    _model_args(p)
+    _sampling_args(p)
+    p.add_argument("--raw", action="store_true", help="send the prompt as it is, without the chat template")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat, streaming")
+    _model_args(p)
+    _sampling_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("info", help="family, config differences and parameter counts of a model")
+    _model_args(p, positional=True)
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("convert", help="write any loadable model as a Hugging Face directory")
+    _model_args(p, positional=True)
+    p.add_argument("out_dir")
+    p.set_defaults(run=cmd_convert)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _load(args):
+    from .checkpoint import load
+
+    return load(args.source, dtype=args.dtype, device=args.device)
+
+
+def _sampling(args, tokenizer) -> dict:
+    if args.max_new_tokens < 1:
+        raise LmzooError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise LmzooError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise LmzooError(f"--top-k must be >= 1, got {args.top_k}")
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                stop_tokens=tokenizer.stop_ids)
+
+
+def _need_tokenizer(tokenizer, source):
+    if tokenizer is None:
+        raise LmzooError(f"{source}: no tokenizer found (a preset has none; a directory needs tokenizer.json)")
+    return tokenizer
+
+
+def _stream_reply(model, tokenizer, ids: list[int], sampling: dict) -> list[int]:
+    """Print tokens as they come; return them (without the stop token)."""
+    import torch
+
+    from .generate import stream
+
+    decoder = tokenizer.stream_decoder()
+    out: list[int] = []
+    for token in stream(model, torch.tensor([ids]), sampling.pop("max_new_tokens"), **sampling):
+        t = int(token[0])
+        if t in sampling["stop_tokens"]:
+            break
+        out.append(t)
+        sys.stdout.write(decoder.put(t))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+    return out
+
+
+def cmd_generate(args) -> None:
+    model, tokenizer = _load(args)
+    tokenizer = _need_tokenizer(tokenizer, args.source)
+    text = args.prompt
+    if not args.raw and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        ids = tokenizer.encode(text)
+    _stream_reply(model, tokenizer, ids, {**_sampling(args, tokenizer), "max_new_tokens": args.max_new_tokens})
+
+
+def cmd_chat(args) -> None:
+    model, tokenizer = _load(args)
+    tokenizer = _need_tokenizer(tokenizer, args.source)
+    if not tokenizer.chat_template:
+        raise LmzooError(f"{args.source or 'model'}: has no chat template; use `lmzoo generate --raw`")
+    sampling = _sampling(args, tokenizer)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("lmzoo chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        text = tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        sys.stdout.write("assistant> ")
+        reply = _stream_reply(model, tokenizer, ids, {**sampling, "max_new_tokens": args.max_new_tokens})
+        history.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)})
+
+
+def cmd_info(args) -> None:
+    from .checkpoint import from_config
+    from .families import PRESETS
+    from .report import describe
+
+    if args.source.lower() in PRESETS:  # presets can be huge: count them on the meta device
+        from .families import preset
+
+        config = preset(args.source)
+        print(describe(config, from_config(config, device="meta"), source=f"preset {args.source}"))
+        return
+    model, _ = _load(args)
+    print(describe(model.config, model, source=args.source))
+
+
+def cmd_convert(args) -> None:
+    from .checkpoint import save_hf_dir
+
+    model, tokenizer = _load(args)
+    out = save_hf_dir(model, args.out_dir, tokenizer)
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except LmzooError as e:
+        print(f"lmzoo: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

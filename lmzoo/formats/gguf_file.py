@@ -1,0 +1,197 @@
+"""Read a GGUF file: its metadata as plain Python, its tensors dequantized to float32 torch tensors.
+
+GGUF layout (v2/v3, little-endian): magic "GGUF", uint32 version, uint64 tensor count, uint64 KV count,
+the KV pairs, then one info record per tensor (name, dims fastest-first, ggml type, offset), then
+padding to `general.alignment` and the tensor data.
+
+We parse the header ourselves rather than with `gguf.GGUFReader`: the reader builds one numpy object
+per array element, which takes seconds for a 49k-token vocabulary, while metadata-only reads must be
+fast. The dequantization itself is done by `gguf.quants.dequantize`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+
+from lmzoo.errors import LmzooError
+
+# Every type listed here is checked against an independent numpy reference in tests/test_gguf_file.py.
+SUPPORTED_TYPES: tuple[str, ...] = (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+)
+
+_MAGIC = b"GGUF"
+_DEFAULT_ALIGNMENT = 32
+# GGUF metadata value type id -> little-endian struct format (8 = string, 9 = array are handled apart).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRUCTS = {t: struct.Struct(f) for t, f in _SCALARS.items()}
+_U32, _U64 = _STRUCTS[4], _STRUCTS[10]
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class GGUFFile:
+    path: str
+    metadata: dict[str, Any]  # every KV field as plain Python: str, int, float, bool, list
+    tensors: dict[str, torch.Tensor]  # float32, PyTorch orientation (dims reversed from GGUF)
+    tensor_types: dict[str, str]  # tensor name -> ggml type name, e.g. "Q4_1"
+    # PyTorch-orientation shapes, filled even when load_tensors=False (e.g. to size a model).
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+class _Cursor:
+    """Sequential little-endian reads over the header; running off the end means the file is cut short.
+
+    Uses `struct` on a memoryview rather than numpy per value: vocabularies have ~50k strings each.
+    """
+
+    def __init__(self, buf: memoryview, path: str):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def truncated(self, what: str, need: int) -> LmzooError:
+        return LmzooError(f"{self.path}: file is truncated or corrupt: {what} needs bytes "
+                          f"{self.pos}..{self.pos + need} but the file has {len(self.buf)} bytes")
+
+    def unpack(self, st: struct.Struct, what: str) -> Any:
+        try:
+            (value,) = st.unpack_from(self.buf, self.pos)
+        except struct.error:
+            raise self.truncated(what, st.size) from None
+        self.pos += st.size
+        return value
+
+    def string(self, what: str) -> str:
+        n = self.unpack(_U64, what)
+        if self.pos + n > len(self.buf):
+            raise self.truncated(what, n)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LmzooError(f"{self.path}: {what} is not valid UTF-8 ({e})") from None
+
+    def numbers(self, vtype: int, count: int, what: str) -> list:
+        dtype = np.dtype(_SCALARS[vtype])
+        if self.pos + count * dtype.itemsize > len(self.buf):
+            raise self.truncated(what, count * dtype.itemsize)
+        out = np.frombuffer(self.buf, dtype, count, self.pos).tolist()  # one vectorised read
+        self.pos += count * dtype.itemsize
+        return out
+
+    def value(self, vtype: int, what: str) -> Any:
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype in _STRUCTS:
+            return self.unpack(_STRUCTS[vtype], what)
+        if vtype == _ARRAY:
+            item_type, count = self.unpack(_U32, what), self.unpack(_U64, what)
+            if item_type in _STRUCTS:
+                return self.numbers(item_type, count, what)
+            if count > len(self.buf):  # each item takes at least one byte: a huge count is corruption
+                raise LmzooError(f"{self.path}: file is truncated or corrupt: {what} claims {count} items")
+            return [self.value(item_type, what) for _ in range(count)]
+        raise LmzooError(f"{self.path}: {what} has unknown GGUF value type {vtype}")
+
+
+def _check_magic(path: str) -> int:
+    if not os.path.isfile(path):
+        raise LmzooError(f"{path}: no such GGUF file")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise LmzooError(f"{path}: cannot read GGUF file ({e.strerror})") from None
+    if head[:4] != _MAGIC:
+        raise LmzooError(f"{path}: not a GGUF file (expected magic {_MAGIC!r}, found {head[:4]!r})")
+    if len(head) < 8:
+        raise LmzooError(f"{path}: file is truncated or corrupt: it ends inside the header ({size} bytes)")
+    version = int.from_bytes(head[4:8], "little")
+    if version & 0xFFFF == 0:  # a small version number read in the wrong byte order
+        raise LmzooError(f"{path}: big-endian GGUF files are not supported")
+    if version not in (2, 3):
+        raise LmzooError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
+    return size
+
+
+def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFFile:
+    """Parse `path`; with load_tensors=False only the header is read (no tensor data is touched)."""
+    path = os.fspath(path)
+    size = _check_magic(path)
+    # A read-only memmap: the header is parsed from it, and tensor data is paged in only when loaded.
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(memoryview(data), path)
+    cur.pos = 8
+    n_tensors, n_kv = cur.unpack(_U64, "tensor count"), cur.unpack(_U64, "KV count")
+
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}")
+        metadata[key] = cur.value(cur.unpack(_U32, f"type of field {key!r}"), f"field {key!r}")
+
+    infos = {}  # name -> (qtype, torch-order shape, offset relative to the data section, byte count)
+    for i in range(n_tensors):
+        name = cur.string(f"name of tensor #{i}")
+        what = f"info of tensor {name!r}"
+        dims = cur.numbers(10, cur.unpack(_U32, what), what)  # 10 = uint64
+        type_id, offset = cur.unpack(_U32, what), cur.unpack(_U64, what)
+        try:
+            qtype = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise LmzooError(f"{path}: tensor {name!r} has unknown ggml type id {type_id}") from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if dims and dims[0] % block:  # blocks run along the fastest dim, so it must divide evenly
+            raise LmzooError(f"{path}: tensor {name!r} ({qtype.name}) has row length {dims[0]}, "
+                             f"expected a multiple of the block size {block}")
+        if name in infos:
+            raise LmzooError(f"{path}: tensor {name!r} appears twice in the tensor list")
+        n_bytes = math.prod(dims) // block * type_size
+        infos[name] = (qtype, tuple(reversed(dims)), offset, n_bytes)
+
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise LmzooError(f"{path}: field 'general.alignment' is {alignment!r}, expected a power of two")
+    data_start = -(-cur.pos // alignment) * alignment
+
+    # Check every data range up front, so a cut-short download fails clearly even without loading.
+    for name, (qtype, shape, offset, n_bytes) in infos.items():
+        if data_start + offset + n_bytes > size:
+            raise LmzooError(f"{path}: file is truncated or corrupt: tensor {name!r} needs bytes "
+                             f"{data_start + offset}..{data_start + offset + n_bytes}, file has {size}")
+
+    tensors: dict[str, torch.Tensor] = {}
+    if load_tensors:
+        for name, (qtype, shape, offset, n_bytes) in infos.items():
+            tensors[name] = _dequantize(data, path, name, qtype, shape, data_start + offset, n_bytes)
+    return GGUFFile(path=path, metadata=metadata, tensors=tensors,
+                    tensor_types={n: i[0].name for n, i in infos.items()},
+                    shapes={n: i[1] for n, i in infos.items()})
+
+
+def _dequantize(buf: np.ndarray, path: str, name: str, qtype: GGMLQuantizationType,
+                shape: tuple[int, ...], start: int, n_bytes: int) -> torch.Tensor:
+    if qtype.name not in SUPPORTED_TYPES:
+        raise LmzooError(f"{path}: tensor {name!r} has type {qtype.name}, which lmzoo cannot dequantize; "
+                         f"supported types: {', '.join(SUPPORTED_TYPES)}")
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    # gguf's dequantize takes rows of raw bytes (last dim = bytes per row) and returns float rows.
+    row_bytes = shape[-1] // block * type_size if shape else type_size
+    raw = buf[start:start + n_bytes].reshape(*shape[:-1], row_bytes)
+    try:
+        out = dequantize(raw, qtype).astype(np.float32, copy=False).reshape(shape)
+    except (ValueError, IndexError, TypeError) as e:  # a malformed block layout, not a user mistake
+        raise LmzooError(f"{path}: tensor {name!r} ({qtype.name}) is corrupt: {e}") from None
+    if not out.flags.writeable:  # F32 comes back as a view of the read-only memmap: detach it
+        out = out.copy()
+    return torch.from_numpy(out)
