@@ -22,14 +22,15 @@ class Step:
 
     cos: torch.Tensor | None  # rotary tables [B, 1, T, rd/2], or None for learned positions
     sin: torch.Tensor | None
-    mask: torch.Tensor | None  # boolean [B|1, 1, Tq, Tk], or None when is_causal covers it
-    is_causal: bool
+    dense: tuple  # (mask, is_causal) of dense layers: mask boolean [B|1, 1, Tq, Tk] or None
+    sparse: tuple | None  # the same for layers with a sparse pattern (GPT-3)
     cache: KVCache | None
 
 
 class Attention(nn.Module):
-    def __init__(self, c: Config):
+    def __init__(self, c: Config, layer: int = 0):
         super().__init__()
+        self.sparse = c.is_sparse_layer(layer)
         self.n_heads, self.n_kv, self.hd = c.n_heads, c.kv_heads, c.head_size
         self.rope_pairing = c.rope_pairing if c.positions == "rope" else None
         q_out, kv_out = self.n_heads * self.hd, self.n_kv * self.hd
@@ -59,7 +60,8 @@ class Attention(nn.Module):
             k = apply_rope(k, step.cos, step.sin, self.rope_pairing)
         if step.cache is not None:
             k, v = step.cache.update(layer, k, v)
-        y = sdpa(q, k, v, step.mask, step.is_causal)
+        mask, is_causal = step.sparse if self.sparse else step.dense
+        y = sdpa(q, k, v, mask, is_causal)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 

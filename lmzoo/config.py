@@ -22,6 +22,8 @@ ROPE_SCALINGS = (None, "linear", "llama3", "dynamic")
 MLP_KINDS = ("gelu", "swiglu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 LM_TYPES = ("causal", "prefix")
+ATTENTION_PATTERNS = ("dense", "banded", "strided", "fixed")
+SPARSE_LAYERS = ("all", "odd", "even")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,14 @@ class Config:
     """Each token attends only to the last `sliding_window` positions, itself included (Mistral)."""
     lm_type: str = "causal"
     """'causal': each token sees only earlier ones; 'prefix': the prompt sees itself both ways."""
+    attention_pattern: str = "dense"
+    """Sparse Transformer patterns (GPT-3): 'dense', 'banded' (local band), 'strided' or 'fixed'."""
+    sparse_block: int = 128
+    """Band width of 'banded', stride of 'strided', block length of 'fixed'."""
+    sparse_summary: int = 8
+    """'fixed': the last sparse_summary positions of each block are visible to all later tokens."""
+    sparse_layers: str = "odd"
+    """Which layers use attention_pattern: 'all', 'odd' or 'even' (GPT-3 alternates dense and sparse)."""
 
     # --- MLP ---------------------------------------------------------------------------
     mlp: str = "swiglu"
@@ -125,6 +135,12 @@ class Config:
         """Number of dims per head that rotate (always even)."""
         return int(self.head_size * self.rope_fraction) // 2 * 2
 
+    def is_sparse_layer(self, layer: int) -> bool:
+        """Whether `layer` uses attention_pattern (the others are dense)."""
+        if self.attention_pattern == "dense":
+            return False
+        return self.sparse_layers == "all" or (layer % 2 == 1) == (self.sparse_layers == "odd")
+
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed: the way every preset is written as a diff."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -151,7 +167,8 @@ def _check(c: Config) -> None:
     choices = {
         "norm": NORM_KINDS, "norm_position": NORM_POSITIONS, "positions": POSITION_KINDS,
         "rope_pairing": ROPE_PAIRINGS, "rope_scaling": ROPE_SCALINGS, "mlp": MLP_KINDS,
-        "activation": ACTIVATIONS, "lm_type": LM_TYPES,
+        "activation": ACTIVATIONS, "lm_type": LM_TYPES, "attention_pattern": ATTENTION_PATTERNS,
+        "sparse_layers": SPARSE_LAYERS,
     }
     for name, allowed in choices.items():
         if getattr(c, name) not in allowed:
@@ -160,6 +177,10 @@ def _check(c: Config) -> None:
         raise LmzooError(f"Config.n_heads={c.n_heads} must be a multiple of n_kv_heads={c.kv_heads}")
     if c.sliding_window is not None and c.sliding_window < 1:
         raise LmzooError(f"Config.sliding_window={c.sliding_window} must be >= 1 (or None)")
+    if c.sparse_block < 1:
+        raise LmzooError(f"Config.sparse_block={c.sparse_block} must be >= 1")
+    if c.attention_pattern == "fixed" and not 0 < c.sparse_summary <= c.sparse_block:
+        raise LmzooError(f"Config.sparse_summary={c.sparse_summary} must be in 1..sparse_block={c.sparse_block}")
     if not 0.0 < c.rope_fraction <= 1.0:
         raise LmzooError(f"Config.rope_fraction={c.rope_fraction} must be in (0, 1]")
 

@@ -51,7 +51,8 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
            prefix_len: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B] step by step until every row has stopped.
 
-    A row stops after emitting a stop token; later steps yield `-1` for it.
+    A row stops after emitting a stop token; later steps yield `-1` for it. With prefix_len
+    (or a prefix-LM config) the prompt is encoded bidirectionally, then decoding is causal.
     """
     c = model.config
     B, T = input_ids.shape
@@ -62,8 +63,6 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
     input_ids = input_ids.to(device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
-    if prefix_len is None and c.lm_type == "prefix":
-        prefix_len = T  # a prefix LM reads the whole prompt both ways, then decodes causally
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)

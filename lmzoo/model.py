@@ -16,7 +16,7 @@ from .attention import Attention, Step
 from .cache import KVCache
 from .config import Config
 from .errors import LmzooError
-from .masks import build_mask
+from .masks import build_mask, prefix_end_slots
 from .mlp import MLP
 from .rope import rope_tables
 
@@ -42,11 +42,11 @@ def make_norm(c: Config) -> nn.Module:
 
 
 class Block(nn.Module):
-    def __init__(self, c: Config):
+    def __init__(self, c: Config, layer: int):
         super().__init__()
         self.pre_norm = c.norm_position == "pre"
         self.attn_norm = make_norm(c)
-        self.attn = Attention(c)
+        self.attn = Attention(c, layer)
         self.mlp_norm = make_norm(c)
         self.mlp = MLP(c)
 
@@ -65,7 +65,7 @@ class Decoder(nn.Module):
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         if c.positions == "learned":
             self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model)
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.final_norm = make_norm(c) if c.final_norm else nn.Identity()
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -132,8 +132,8 @@ class Decoder(nn.Module):
         elif c.positions == "rope":
             cos, sin = rope_tables(c, position_ids, seq_len=start + T)
 
-        mask, is_causal = self._mask(start, T, key_valid, prefix_len, input_ids.device, B)
-        step = Step(cos=cos, sin=sin, mask=mask, is_causal=is_causal, cache=cache)
+        dense, sparse = self._masks(start, T, key_valid, prefix_len, input_ids.device, B)
+        step = Step(cos=cos, sin=sin, dense=dense, sparse=sparse, cache=cache)
         for i, block in enumerate(self.blocks):
             x = block(x, step, i)
         if cache is not None:
@@ -161,21 +161,36 @@ class Decoder(nn.Module):
         pos = key_valid.long().cumsum(-1) - 1
         return pos[:, start:start + T].clamp(min=0)
 
-    def _mask(self, start, T, key_valid, prefix_len, device, B):
-        """The boolean mask, or (None, True) when SDPA's built-in causal mask says it all."""
+    def _masks(self, start, T, key_valid, prefix_len, device, B):
+        """(mask, is_causal) for dense layers and for sparse ones; masks are shared by all layers
+        of a kind, and mask=None with is_causal says SDPA's own causal mask does the job."""
         c = self.config
         if prefix_len is None and c.lm_type == "prefix":
-            raise LmzooError("this model is a prefix LM (Config.lm_type='prefix'): pass prefix_len")
-        plain = key_valid is None and prefix_len is None and (c.sliding_window is None or start + T <= c.sliding_window)
-        if plain and start == 0:
-            return None, T > 1
-        if plain and T == 1:
-            return None, False  # one new query sees every cached key
+            prefix_len = T if start == 0 else None  # a prefix LM reads a whole prompt both ways
+        prefix_end = None
         if prefix_len is not None:
             prefix_len = torch.as_tensor(prefix_len, device=device).expand(B)
+            if bool((prefix_len > T).any()) or bool((prefix_len < 0).any()):
+                raise LmzooError(f"prefix_len={prefix_len.tolist()} must be between 0 and the sequence length {T}")
+            if start > 0:
+                raise LmzooError("prefix_len applies to the first chunk only: prefill the whole prefix at once")
+            prefix_end = prefix_end_slots(prefix_len, key_valid, T)
         q_slots = torch.arange(start, start + T, device=device)
-        return build_mask(q_slots, start + T, window=c.sliding_window, prefix_len=prefix_len,
-                          key_valid=key_valid), False
+
+        def mask_for(pattern: str):
+            window = c.sliding_window
+            unmasked = window is None or start + T <= window
+            if pattern == "dense" and key_valid is None and prefix_end is None and unmasked:
+                if start == 0:
+                    return None, T > 1
+                if T == 1:
+                    return None, False  # one new query sees every cached key
+            return build_mask(q_slots, start + T, window=window, pattern=pattern, block=c.sparse_block,
+                              summary=c.sparse_summary, prefix_end=prefix_end, key_valid=key_valid), False
+
+        dense = mask_for("dense") if not all(map(c.is_sparse_layer, range(c.n_layers))) else None
+        sparse = mask_for(c.attention_pattern) if c.attention_pattern != "dense" else None
+        return dense, sparse
 
     # ------------------------------------------------------------------ conveniences
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
@@ -191,7 +206,16 @@ class Decoder(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def loss(self, input_ids, labels, **kwargs) -> torch.Tensor:
-        """Mean next-token cross-entropy over labelled positions (label -100 is ignored)."""
-        logits = self(input_ids, **kwargs)
+    def loss(self, input_ids, labels=None, *, prefix_len=None, **kwargs) -> torch.Tensor:
+        """Mean next-token cross-entropy over labelled positions (label -100 is ignored).
+
+        Without labels every token is a target, except a prefix LM's prefix, which is context."""
+        if labels is None:
+            labels = input_ids.clone()
+            if prefix_len is not None:
+                end = torch.as_tensor(prefix_len, device=input_ids.device).expand(input_ids.shape[0])
+                labels[torch.arange(input_ids.shape[1], device=input_ids.device)[None] < end[:, None]] = -100
+            if kwargs.get("attention_mask") is not None:
+                labels[kwargs["attention_mask"] == 0] = -100
+        logits = self(input_ids, prefix_len=prefix_len, **kwargs)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

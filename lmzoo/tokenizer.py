@@ -1,0 +1,300 @@
+"""Text <-> token ids, chat templates and streaming decode, for a Hugging Face directory or a GGUF file.
+
+The heavy lifting is done by the `tokenizers` library; this module only decides how to assemble it
+(GGUF files carry a vocabulary, not a `tokenizer.json`) and reproduces what transformers does around it:
+when BOS is added, which special tokens the chat template sees, and how the template is rendered.
+"""
+
+import json
+import os
+from datetime import datetime
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as _Backend
+
+from .errors import LmzooError
+
+_SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Tokens that close a chat turn; generation must stop on them even when the model's eos is another token.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
+
+# Pre-tokenizer split patterns, as written in the models' own tokenizer.json files.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre -> (split regex, None meaning GPT-2's built-in one; split every digit first; NFC; ignore_merges).
+# "smollm"/"starcoder" isolate each digit before the GPT-2 regex, as llama.cpp does ("\p{N}" then the GPT-2 regex)
+# and as their tokenizer.json does (Digits(individual_digits=True) then ByteLevel).
+_PRE_TOKENIZERS = {
+    "gpt-2": (None, False, False, False),
+    "smollm": (None, True, False, False),
+    "starcoder": (None, True, False, False),
+    "llama-bpe": (_LLAMA3_SPLIT, False, False, True),
+    "llama3": (_LLAMA3_SPLIT, False, False, True),
+    "qwen2": (_QWEN2_SPLIT, False, True, False),
+}
+
+
+def _byte_to_char() -> dict[int, str]:
+    # GPT-2's reversible byte -> printable character table: printable Latin-1 bytes stand for themselves,
+    # the 68 others are moved to U+0100 onwards in byte order, so that every token is printable text.
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(0x100 + shifted)
+            shifted += 1
+    return table
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    # Some templates wrap assistant text in {% generation %}; transformers uses it for masks, we just render it.
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes HTML characters (<, >, &), which would change the prompt.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    # Same environment as transformers: templates come from the Hub, so they run sandboxed.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _read_json(directory: str, name: str) -> dict:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise LmzooError(f"{path}: expected a JSON object ({exc})") from exc
+    if not isinstance(data, dict):
+        raise LmzooError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+class StreamDecoder:
+    """Turns token ids into text one at a time, holding back bytes of a character that is not complete yet."""
+
+    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = False):
+        self._tokenizer, self._skip = tokenizer, skip_special_tokens
+        # Decode from a little before the new tokens, because some decoders (sentencepiece) drop a leading space.
+        self._ids: list[int] = []
+        self._prefix = self._read = 0
+
+    def _text(self, ids) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def put(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        done = self._text(self._ids[self._prefix : self._read])
+        text = self._text(self._ids[self._prefix :])
+        # A trailing U+FFFD means the last token ended inside a multi-byte character: wait for the rest.
+        if len(text) <= len(done) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(done) :]
+
+    def flush(self) -> str:
+        done = self._text(self._ids[self._prefix : self._read])
+        text = self._text(self._ids[self._prefix :])
+        self._ids, self._prefix, self._read = [], 0, 0
+        return text[len(done) :]
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special tokens, chat template and stop ids of one model.
+
+    Whether BOS is added is decided by the backend's post-processor, as in transformers 5, which ignores
+    tokenizer_config.json's add_bos_token when a tokenizer.json exists; `add_bos` reports what it does.
+    """
+
+    def __init__(self, backend: _Backend, special_tokens: dict, chat_template=None, extra_stop_ids=()):
+        self._backend = backend
+        self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}  # name -> token text
+        self.chat_template: str | None = chat_template
+        self.bos_id, self.eos_id, self.unk_id, self.pad_id = (
+            self.token_to_id(self.special_tokens.get(name)) for name in _SPECIAL_NAMES
+        )
+        self.add_bos: bool = self.bos_id is not None and backend.encode("").ids[:1] == [self.bos_id]
+        turn_ends = [self.token_to_id(t) for t in _END_OF_TURN if chat_template and t in chat_template]
+        stops = [self.eos_id, *turn_ends, *extra_stop_ids]
+        self.stop_ids: list[int] = list(dict.fromkeys(int(i) for i in stops if i is not None))
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self._compiled = None
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self._backend.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # Special tokens written in the text (e.g. "<|im_end|>") become their ids, as in transformers.
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **extra) -> str:
+        if not self.chat_template:
+            raise LmzooError("this model has no chat template; pass --raw to feed the prompt text as it is")
+        if self._compiled is None:
+            self._compiled = _compile_template(self.chat_template)
+        # transformers drops None-valued keys (templates check for presence, not for None).
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        variables = {**self.special_tokens, **extra}  # caller's variables win, as in transformers
+        variables.setdefault("tools", None)
+        variables.setdefault("documents", None)
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        path = os.fspath(path)
+        tokenizer_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tokenizer_file):
+            raise LmzooError(f"{path}: no tokenizer.json; expected a Hugging Face model directory that contains one")
+        try:
+            backend = _Backend.from_file(tokenizer_file)
+        except Exception as exc:  # the Rust error says what is wrong inside the file
+            raise LmzooError(f"{tokenizer_file}: not a valid tokenizers file ({exc})") from exc
+        config = _read_json(path, "tokenizer_config.json")
+        special_map = _read_json(path, "special_tokens_map.json")
+        special = {}
+        for name in _SPECIAL_NAMES:
+            value = config.get(name, special_map.get(name))
+            special[name] = value.get("content") if isinstance(value, dict) else value  # AddedToken as a dict
+
+        # Like transformers, a chat_template.jinja file takes precedence over the config's template.
+        template = config.get("chat_template")
+        template_file = os.path.join(path, "chat_template.jinja")
+        if os.path.isfile(template_file):
+            with open(template_file, encoding="utf-8") as f:
+                template = f.read()
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            template = {t.get("name"): t.get("template") for t in template}.get("default")
+
+        eos = _read_json(path, "generation_config.json").get("eos_token_id")
+        extra_stops = eos if isinstance(eos, list) else [eos]
+        return cls(backend, special, template, [i for i in extra_stops if isinstance(i, int)])
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: dict, source: str) -> "Tokenizer":
+        kind = metadata.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise LmzooError(
+                f"{source}: tokenizer.ggml.model is {kind!r}, which lmzoo cannot build; "
+                "supported: 'gpt2' (byte-level BPE)"
+            )
+        pre = metadata.get("tokenizer.ggml.pre")
+        if pre not in _PRE_TOKENIZERS:
+            raise LmzooError(
+                f"{source}: tokenizer.ggml.pre is {pre!r}, an unknown pre-tokenizer; "
+                f"supported: {sorted(_PRE_TOKENIZERS)}"
+            )
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+            if not metadata.get(key):
+                raise LmzooError(f"{source}: {key} is missing; a byte-level BPE tokenizer needs it")
+        tokens = list(metadata["tokenizer.ggml.tokens"])
+        types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+
+        # Ordinary tokens must be spelled in the byte alphabet for BPE to produce them; some converters store
+        # them as raw text, so respell those. Control (3) and user-defined (4) tokens are matched whole by the
+        # added-token pass, so they keep their raw text.
+        to_char = _byte_to_char()
+        alphabet = set(to_char.values())
+        vocab = {}
+        for index, (token, token_type) in enumerate(zip(tokens, types)):
+            if token_type not in (3, 4) and not set(token) <= alphabet:
+                token = "".join(to_char[b] for b in token.encode("utf-8"))
+            vocab.setdefault(token, index)
+        merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+
+        split, digits, nfc, ignore_merges = _PRE_TOKENIZERS[pre]
+        backend = _Backend(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=ignore_merges))
+        steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+        if split is None:  # GPT-2's regex is built into ByteLevel
+            steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+        else:
+            steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+        backend.normalizer = normalizers.NFC() if nfc else None
+        backend.decoder = decoders.ByteLevel()
+
+        def token_at(key):
+            index = metadata.get(key)
+            return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
+
+        special = {name: token_at(f"tokenizer.ggml.{key}_token_id")
+                   for name, key in zip(_SPECIAL_NAMES, ("bos", "eos", "unknown", "padding"))}
+        # Without these, "<|im_end|>" in a prompt would be cut into "<", "|", "im", ... instead of one id.
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, token_type in zip(tokens, types) if token_type == 3])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                            for t, token_type in zip(tokens, types) if token_type == 4])
+        bos = special["bos_token"]
+        if metadata.get("tokenizer.ggml.add_bos_token") and bos is not None:
+            # The same template transformers builds for add_bos_token, so the saved tokenizer.json carries it.
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0",
+                pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                special_tokens=[(bos, metadata["tokenizer.ggml.bos_token_id"])],
+            )
+        # llama.cpp's end-of-turn / end-of-message ids, when the converter recorded them.
+        extra_stops = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
+        extra_stops = [i for i in extra_stops if isinstance(i, int)]
+        return cls(backend, special, metadata.get("tokenizer.chat_template"), extra_stops)
+
+    def save(self, out_dir) -> None:
+        """Write tokenizer.json and tokenizer_config.json, loadable by transformers' AutoTokenizer."""
+        out_dir = os.fspath(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        self._backend.save(os.path.join(out_dir, "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **self.special_tokens,
+            # For readers; transformers 5 takes BOS from tokenizer.json's post-processor instead.
+            "add_bos_token": self.add_bos,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+            f.write("\n")
