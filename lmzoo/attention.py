@@ -20,8 +20,8 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5
 class Step:
     """What every layer needs to know about the current forward pass."""
 
-    cos: torch.Tensor | None  # rotary tables [B, 1, T, rd/2], or None for learned positions
-    sin: torch.Tensor | None
+    rope: list | None  # rotary [(cos, sin)] tables, each [B, 1, T, rd/2]; None for learned positions
+    query_scale: torch.Tensor | None  # [B, 1, T, 1] multiplier of the queries (logn attention), or None
     dense: tuple  # (mask, is_causal) of dense layers: mask boolean [B|1, 1, Tq, Tk] or None
     sparse: tuple | None  # the same for layers with a sparse pattern (GPT-3)
     cache: KVCache | None
@@ -32,7 +32,7 @@ class Attention(nn.Module):
         super().__init__()
         self.sparse = c.is_sparse_layer(layer)
         self.n_heads, self.n_kv, self.hd = c.n_heads, c.kv_heads, c.head_size
-        self.rope_pairing = c.rope_pairing if c.positions == "rope" else None
+        self.rope_pairing = c.rope_pairing if c.positions.startswith("rope") else None
         q_out, kv_out = self.n_heads * self.hd, self.n_kv * self.hd
         self.split = (q_out, kv_out, kv_out)
         if c.fused_qkv:
@@ -56,8 +56,10 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if self.rope_pairing is not None:
-            q = apply_rope(q, step.cos, step.sin, self.rope_pairing)
-            k = apply_rope(k, step.cos, step.sin, self.rope_pairing)
+            q = apply_rope(q, step.rope, self.rope_pairing)
+            k = apply_rope(k, step.rope, self.rope_pairing)
+        if step.query_scale is not None:
+            q = q * step.query_scale.to(q.dtype)
         if step.cache is not None:
             k, v = step.cache.update(layer, k, v)
         mask, is_causal = step.sparse if self.sparse else step.dense

@@ -20,7 +20,8 @@ from .errors import LmzooError
 from .families import PRESETS, preset
 from .formats import gguf as gguf_format
 from .formats import hf
-from .formats.names import check_state_dict
+from .formats import registry
+from .formats.names import check_state_dict, to_ours, to_theirs
 from .model import Decoder
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,10 +97,10 @@ def build(config: Config, state: dict[str, torch.Tensor], source: str, theirs, u
 def load_hf_dir(path: str):
     from .tokenizer import Tokenizer
 
-    config, fmt = hf.config_from_hf(hf.read_config_json(path), os.path.join(path, "config.json"))
+    config, fmt = registry.config_from_hf(hf.read_config_json(path), os.path.join(path, "config.json"))
     tensors = hf.read_safetensors(hf.safetensor_files(path))
-    state, unknown = hf.to_ours(tensors, fmt.names)
-    model = build(config, state, path, lambda k: fmt.names.theirs(k) or k, unknown)
+    state, unknown = to_ours(tensors, fmt.names, config)
+    model = build(config, state, path, fmt.names.their_name, unknown)
     tok = Tokenizer.from_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
     return model, tok
 
@@ -110,8 +111,8 @@ def load_gguf(path: str):
 
     file = read_gguf(path)
     config = gguf_format.config_from_gguf(file.metadata, file.tensors.keys(), path)
-    state, unknown = gguf_format.tensors_to_ours(file.tensors, config)
-    model = build(config, state, path, lambda k: gguf_format.GGUF_LLAMA_NAMES.theirs(k) or k, unknown)
+    state, unknown = to_ours(file.tensors, gguf_format.GGUF_LLAMA_NAMES, config)
+    model = build(config, state, path, gguf_format.GGUF_LLAMA_NAMES.their_name, unknown)
     tok = Tokenizer.from_gguf_metadata(file.metadata, path) if "tokenizer.ggml.model" in file.metadata else None
     return model, tok
 
@@ -121,12 +122,12 @@ def save_hf_dir(model: Decoder, out_dir: str, tokenizer=None, *, dtype=None) -> 
     from safetensors.torch import save_file
 
     config = model.config
-    fmt = hf.format_that_expresses(config)
+    fmt = registry.format_that_expresses(config)
     dtype = resolve_dtype(dtype) if dtype is not None else model.tok_emb.weight.dtype
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     if config.tie_embeddings:
         state.pop("lm_head.weight")
-    tensors = hf.to_theirs(state, fmt.names)
+    tensors = to_theirs(state, fmt.names, config)
     bos = getattr(tokenizer, "bos_id", None)
     eos = getattr(tokenizer, "eos_id", None)
 

@@ -15,10 +15,10 @@ from typing import Any
 from .errors import LmzooError
 
 NORM_KINDS = ("layernorm", "rmsnorm")
-NORM_POSITIONS = ("pre", "post")
-POSITION_KINDS = ("learned", "rope", "none")
+NORM_POSITIONS = ("pre", "post", "deepnorm")
+POSITION_KINDS = ("learned", "rope", "rope_2d", "none")
 ROPE_PAIRINGS = ("half", "interleaved")
-ROPE_SCALINGS = (None, "linear", "llama3", "dynamic")
+ROPE_SCALINGS = (None, "linear", "llama3", "dynamic", "ntk_alpha")
 MLP_KINDS = ("gelu", "swiglu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 LM_TYPES = ("causal", "prefix")
@@ -50,6 +50,8 @@ class Config:
     """Hidden width of the MLP (per expert for MoE)."""
     max_seq_len: int = 2048
     """Context length: the most positions the model was trained for."""
+    max_context: int | None = None
+    """Longest sequence accepted when inference may run past max_seq_len (Qwen1's dynamic NTK)."""
 
     # --- normalisation -----------------------------------------------------------------
     norm: str = "rmsnorm"
@@ -59,13 +61,17 @@ class Config:
     norm_bias: bool = False
     """Whether LayerNorm has a learned bias (RMSNorm never has)."""
     norm_position: str = "pre"
-    """'pre': x + f(norm(x)), as GPT-2 and later; 'post': norm(x + f(x)), as GPT-1."""
+    """'pre': x + f(norm(x)) (GPT-2 on); 'post': norm(x + f(x)) (GPT-1); 'deepnorm': h=norm(x); a*h + f(h) (GLM)."""
+    residual_scale: float = 1.0
+    """DeepNorm's alpha: the residual is scaled by it before the add (GLM v1: sqrt(2*n_layers))."""
+    post_sublayer_norm: bool = False
+    """One more norm on each sublayer's output before the residual add (GLM-4's sandwich norm)."""
     final_norm: bool = True
     """One more norm after the last block (GPT-2 added it; GPT-1 has none)."""
 
     # --- positions ---------------------------------------------------------------------
     positions: str = "rope"
-    """'learned': an absolute position embedding added to the tokens (GPT); 'rope': rotary."""
+    """'learned': absolute embedding (GPT); 'rope': rotary; 'rope_2d': GLM's position + block position."""
     rope_base: float = 10000.0
     """Rotary base theta: frequencies are base^(-2i/d)."""
     rope_fraction: float = 1.0
@@ -73,7 +79,7 @@ class Config:
     rope_pairing: str = "half"
     """Which dims rotate together: 'half' pairs i with i+d/2 (HF Llama), 'interleaved' pairs 2i, 2i+1."""
     rope_scaling: str | None = None
-    """Context extension of the rotary frequencies: None, 'linear', 'llama3' or 'dynamic' (NTK)."""
+    """Context extension of rotary frequencies: None, 'linear', 'llama3', 'dynamic' or 'ntk_alpha' (NTK)."""
     rope_factor: float = 1.0
     """Scaling factor for rope_scaling."""
     rope_low_freq_factor: float = 1.0
@@ -90,6 +96,8 @@ class Config:
     """Bias on the attention output projection (GPT)."""
     fused_qkv: bool = False
     """One matrix computes q|k|v (Qwen1, ChatGLM, GPT-2's c_attn); otherwise three matrices."""
+    logn_attention: bool = False
+    """Past max_seq_len, queries are scaled by log(position)/log(max_seq_len) to keep attention sharp (Qwen1)."""
     sliding_window: int | None = None
     """Each token attends only to the last `sliding_window` positions, itself included (Mistral)."""
     lm_type: str = "causal"
@@ -112,6 +120,10 @@ class Config:
     """Bias on the MLP projections (GPT)."""
     fused_gate_up: bool = False
     """One matrix computes gate|up (ChatGLM's dense_h_to_4h); otherwise two matrices."""
+    n_experts: int = 0
+    """Mixture of experts: that many MLPs per block and a router (0: one dense MLP)."""
+    experts_per_token: int = 2
+    """MoE: each token goes to the top-k experts of the router's softmax, their weights renormalised."""
 
     # --- embeddings and init -----------------------------------------------------------
     tie_embeddings: bool = False
@@ -129,6 +141,10 @@ class Config:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def context_limit(self) -> int:
+        return self.max_context or self.max_seq_len
 
     @property
     def rope_dims(self) -> int:
@@ -177,6 +193,10 @@ def _check(c: Config) -> None:
         raise LmzooError(f"Config.n_heads={c.n_heads} must be a multiple of n_kv_heads={c.kv_heads}")
     if c.sliding_window is not None and c.sliding_window < 1:
         raise LmzooError(f"Config.sliding_window={c.sliding_window} must be >= 1 (or None)")
+    if c.n_experts and not 0 < c.experts_per_token <= c.n_experts:
+        raise LmzooError(f"Config.experts_per_token={c.experts_per_token} must be in 1..n_experts={c.n_experts}")
+    if c.positions == "rope_2d" and c.rope_fraction != 0.5:
+        raise LmzooError("Config.positions='rope_2d' rotates two halves of each head: set rope_fraction=0.5")
     if c.sparse_block < 1:
         raise LmzooError(f"Config.sparse_block={c.sparse_block} must be >= 1")
     if c.attention_pattern == "fixed" and not 0 < c.sparse_summary <= c.sparse_block:

@@ -56,9 +56,9 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
     """
     c = model.config
     B, T = input_ids.shape
-    if T > c.max_seq_len:
-        raise LmzooError(f"prompt of {T} tokens is longer than the model's context of {c.max_seq_len} tokens")
-    max_new_tokens = min(max_new_tokens, c.max_seq_len - T)  # the context is a hard wall
+    if T > c.context_limit:
+        raise LmzooError(f"prompt of {T} tokens is longer than the model's context of {c.context_limit} tokens")
+    max_new_tokens = min(max_new_tokens, c.context_limit - T)  # the context is a hard wall
     device = model.tok_emb.weight.device
     input_ids = input_ids.to(device)
     if attention_mask is not None:

@@ -17,8 +17,15 @@ from .cache import KVCache
 from .config import Config
 from .errors import LmzooError
 from .masks import build_mask, prefix_end_slots
-from .mlp import MLP
+from .mlp import MLP, MoE
 from .rope import rope_tables
+
+
+def logn_scale(positions: torch.Tensor, trained_len: int) -> torch.Tensor:
+    """Qwen1's logn attention: a query at position p > trained_len is scaled by log_{trained_len}(p+1)."""
+    p = positions.float() + 1
+    scale = torch.where(p > trained_len, p.log() / math.log(trained_len), torch.ones_like(p))
+    return scale[:, None, :, None]
 
 
 class RMSNorm(nn.Module):
@@ -44,18 +51,31 @@ def make_norm(c: Config) -> nn.Module:
 class Block(nn.Module):
     def __init__(self, c: Config, layer: int):
         super().__init__()
-        self.pre_norm = c.norm_position == "pre"
+        self.norm_position = c.norm_position
+        self.alpha = c.residual_scale
         self.attn_norm = make_norm(c)
         self.attn = Attention(c, layer)
         self.mlp_norm = make_norm(c)
-        self.mlp = MLP(c)
+        self.mlp = MoE(c) if c.n_experts else MLP(c)
+        if c.post_sublayer_norm:
+            self.attn_post_norm = make_norm(c)
+            self.mlp_post_norm = make_norm(c)
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
-        if self.pre_norm:  # GPT-2 onwards: the residual stream itself is never normalised
-            x = x + self.attn(self.attn_norm(x), step, layer)
-            return x + self.mlp(self.mlp_norm(x))
-        x = self.attn_norm(x + self.attn(x, step, layer))  # GPT-1: normalise after the add
-        return self.mlp_norm(x + self.mlp(x))
+        x = self.sublayer(x, lambda h: self.attn(h, step, layer), self.attn_norm, getattr(self, "attn_post_norm", None))
+        return self.sublayer(x, self.mlp, self.mlp_norm, getattr(self, "mlp_post_norm", None))
+
+    def sublayer(self, x, f, norm, post_norm):
+        """One residual sublayer, with the norm where the config puts it."""
+        if self.norm_position == "post":  # GPT-1: normalise after the add
+            return norm(x + f(x))
+        h = norm(x)
+        out = f(h)
+        if post_norm is not None:  # GLM-4: normalise the sublayer's output too
+            out = post_norm(out)
+        if self.norm_position == "deepnorm":  # GLM v1: the residual is the normed input, scaled
+            return self.alpha * h + out
+        return x + out  # pre-norm (GPT-2 onwards): the residual stream itself is never normalised
 
 
 class Decoder(nn.Module):
@@ -82,7 +102,7 @@ class Decoder(nn.Module):
                 nn.init.ones_(p)
             else:
                 std = c.init_std
-                if c.scaled_residual_init and name.endswith(("attn.o.weight", "mlp.down.weight")):
+                if c.scaled_residual_init and name.endswith(("attn.o.weight", "down.weight")):
                     # GPT-2: each block adds two residual branches; scaling their init by
                     # 1/sqrt(2*n_layers) keeps the variance of the residual sum at one.
                     std = std / math.sqrt(2 * c.n_layers)
@@ -114,9 +134,9 @@ class Decoder(nn.Module):
         c = self.config
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        if start + T > c.max_seq_len:
+        if start + T > c.context_limit:
             raise LmzooError(
-                f"sequence of {start + T} tokens is longer than the context of {c.max_seq_len} "
+                f"sequence of {start + T} tokens is longer than the context of {c.context_limit} "
                 f"(Config.max_seq_len); shorten the prompt or lower max_new_tokens")
         if cache is not None and start + T > cache.max_len:
             raise LmzooError(f"KV cache holds {cache.max_len} tokens; {start + T} requested")
@@ -124,16 +144,20 @@ class Decoder(nn.Module):
         key_valid = self._key_validity(attention_mask, cache, start, T)
         if position_ids is None:
             position_ids = self._default_positions(key_valid, start, T, B, input_ids.device)
+        if c.positions == "rope_2d" and position_ids.dim() == 2:
+            position_ids = self._with_block_positions(position_ids, prefix_len, cache, T)
 
         x = self.tok_emb(input_ids)
-        cos = sin = None
+        rope = query_scale = None
         if c.positions == "learned":
             x = x + self.pos_emb(position_ids)
-        elif c.positions == "rope":
-            cos, sin = rope_tables(c, position_ids, seq_len=start + T)
+        elif c.positions.startswith("rope"):
+            rope = rope_tables(c, position_ids, seq_len=start + T)
+        if c.logn_attention:
+            query_scale = logn_scale(position_ids if position_ids.dim() == 2 else position_ids[0], c.max_seq_len)
 
         dense, sparse = self._masks(start, T, key_valid, prefix_len, input_ids.device, B)
-        step = Step(cos=cos, sin=sin, dense=dense, sparse=sparse, cache=cache)
+        step = Step(rope=rope, query_scale=query_scale, dense=dense, sparse=sparse, cache=cache)
         for i, block in enumerate(self.blocks):
             x = block(x, step, i)
         if cache is not None:
@@ -160,6 +184,21 @@ class Decoder(nn.Module):
         # Positions count real tokens only, so a left-padded prompt starts at position 0.
         pos = key_valid.long().cumsum(-1) - 1
         return pos[:, start:start + T].clamp(min=0)
+
+    def _with_block_positions(self, positions, prefix_len, cache, T):
+        """GLM's second position stream: 0 over the context (the prefix), then 1, 2, ... over
+        the generated span. A cache remembers each row's prefix length for decoding."""
+        B = positions.shape[0]
+        if cache is not None and cache.length > 0:
+            prefix = cache.prefix_len
+        elif prefix_len is not None:
+            prefix = torch.as_tensor(prefix_len, device=positions.device).expand(B)
+        else:
+            prefix = torch.full((B,), T, device=positions.device)
+        if cache is not None and cache.length == 0:
+            cache.prefix_len = prefix
+        block = (positions - prefix[:, None] + 1).clamp(min=0)
+        return torch.stack([positions, block])
 
     def _masks(self, start, T, key_valid, prefix_len, device, B):
         """(mask, is_causal) for dense layers and for sparse ones; masks are shared by all layers
@@ -195,13 +234,18 @@ class Decoder(nn.Module):
     # ------------------------------------------------------------------ conveniences
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.tok_emb.weight
-        return KVCache(self.config, batch, max_len or self.config.max_seq_len, dtype=p.dtype, device=p.device)
+        return KVCache(self.config, batch, max_len or self.config.context_limit, dtype=p.dtype, device=p.device)
 
     def generate(self, input_ids, max_new_tokens: int = 64, **kwargs):
         """Prompt + new tokens; see lmzoo.generate.generate for the options."""
         from .generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """Mean load-balancing loss of the MoE layers from the last training forward pass."""
+        losses = [b.mlp.aux_loss for b in self.blocks if getattr(b.mlp, "aux_loss", None) is not None]
+        return torch.stack(losses).mean() if losses else None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

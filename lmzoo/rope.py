@@ -17,9 +17,14 @@ from .config import Config
 def inverse_frequencies(c: Config, seq_len: int | None = None) -> torch.Tensor:
     """theta_i = base^(-2i/d) for the rotated dims, after the config's scaling. Shape [d/2]."""
     d, base = c.rope_dims, c.rope_base
-    if c.rope_scaling == "dynamic" and seq_len is not None and seq_len > c.max_seq_len:
+    beyond = seq_len is not None and seq_len > c.max_seq_len
+    if c.rope_scaling == "dynamic" and beyond:
         # Dynamic NTK: grow the base with the sequence so the lowest frequency still fits.
         base = base * ((c.rope_factor * seq_len / c.max_seq_len) - (c.rope_factor - 1)) ** (d / (d - 2))
+    elif c.rope_scaling == "ntk_alpha" and beyond:
+        # Qwen1's variant: alpha = 2^ceil(log2(seq/max_seq_len) + 1) - 1, a power-of-two step.
+        alpha = max(2 ** math.ceil(math.log2(seq_len / c.max_seq_len) + 1) - 1, 1)
+        base = base * alpha ** (d / (d - 2))
     inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     if c.rope_scaling == "linear":
         inv = inv / c.rope_factor
@@ -42,14 +47,26 @@ def _llama3_scaling(inv: torch.Tensor, c: Config) -> torch.Tensor:
     return torch.where(in_band, smoothed, scaled)
 
 
-def rope_tables(c: Config, positions: torch.Tensor, seq_len: int | None = None):
-    """cos and sin of position * frequency, shaped [B, 1, T, d/2] to broadcast over heads."""
+def rope_tables(c: Config, positions: torch.Tensor, seq_len: int | None = None) -> list[tuple]:
+    """[(cos, sin)] of position * frequency, each [B, 1, T, d/2] to broadcast over heads.
+
+    positions is [B, T], or [2, B, T] for 2-D rotary (GLM): one table per position stream."""
     inv = inverse_frequencies(c, seq_len).to(positions.device)
-    angles = positions[:, None, :, None].float() * inv
-    return angles.cos(), angles.sin()
+    streams = positions if positions.dim() == 3 else positions[None]
+    return [((p[:, None, :, None].float() * inv).cos(), (p[:, None, :, None].float() * inv).sin())
+            for p in streams]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, tables: list[tuple], pairing: str) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by each table in turn; with two tables (GLM's 2-D rotary), the
+    first half of the head dims turns with the position, the second with the block position."""
+    if len(tables) == 1:
+        return rotate(x, *tables[0], pairing)
+    chunks = x.chunk(len(tables), dim=-1)
+    return torch.cat([rotate(part, cos, sin, pairing) for part, (cos, sin) in zip(chunks, tables)], dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str) -> torch.Tensor:
     """Rotate the first 2*cos.shape[-1] dims of x [B, H, T, D]; the rest pass through."""
     rd = 2 * cos.shape[-1]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)

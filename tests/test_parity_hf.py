@@ -22,6 +22,7 @@ CASES = {
     "mistral-window-off": ("mistral", dict(num_key_value_heads=2, sliding_window=None)),
     "mistral-window-on": ("mistral", dict(num_key_value_heads=2, sliding_window=7)),
     "qwen2": ("qwen2", dict(num_key_value_heads=2)),
+    "mixtral": ("mixtral", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=9)),
     "qwen2-tied": ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),
 }
 
@@ -39,7 +40,7 @@ def test_logits_equal_transformers(case, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["llama-gqa", "llama3-rope-scaling-tied", "mistral-window-on", "qwen2"])
+@pytest.mark.parametrize("case", ["llama-gqa", "llama3-rope-scaling-tied", "mistral-window-on", "qwen2", "mixtral"])
 def test_round_trip_through_transformers(case, tmp_path):
     model_type, overrides = CASES[case]
     oracle = tiny_hf_model(model_type, **overrides)

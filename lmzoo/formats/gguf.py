@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config
 from ..errors import LmzooError
-from .names import NameTable
+from .names import Mapped, NameTable
 
 GGUF_LLAMA_NAMES = NameTable(
     {
@@ -19,8 +19,10 @@ GGUF_LLAMA_NAMES = NameTable(
         "output.weight": "lm_head.weight",
         "blk.{i}.attn_norm.weight": "blocks.{i}.attn_norm.weight",
         "blk.{i}.ffn_norm.weight": "blocks.{i}.mlp_norm.weight",
-        "blk.{i}.attn_q.weight": "blocks.{i}.attn.q.weight",
-        "blk.{i}.attn_k.weight": "blocks.{i}.attn.k.weight",
+        "blk.{i}.attn_q.weight": Mapped("blocks.{i}.attn.q.weight", lambda t, c: unpermute(t, c.n_heads),
+                                        lambda t, c: permute(t, c.n_heads)),
+        "blk.{i}.attn_k.weight": Mapped("blocks.{i}.attn.k.weight", lambda t, c: unpermute(t, c.kv_heads),
+                                        lambda t, c: permute(t, c.kv_heads)),
         "blk.{i}.attn_v.weight": "blocks.{i}.attn.v.weight",
         "blk.{i}.attn_output.weight": "blocks.{i}.attn.o.weight",
         "blk.{i}.ffn_gate.weight": "blocks.{i}.mlp.gate.weight",
@@ -64,23 +66,11 @@ def config_from_gguf(meta: dict, tensor_names, source: str) -> Config:
     return Config(**fields)
 
 
-def unpermute_rotary_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's row permutation of q/k: per head, rows (pair, 2) -> (2, pair)."""
-    out_features = w.shape[0]
-    return w.reshape(n_heads, out_features // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def tensors_to_ours(tensors: dict[str, torch.Tensor], c: Config):
-    """Rename and un-permute; returns (ours, unknown GGUF names)."""
-    ours, unknown = {}, []
-    for name, t in tensors.items():
-        target = GGUF_LLAMA_NAMES.ours(name)
-        if target is None:
-            unknown.append(name)
-            continue
-        if target.endswith("attn.q.weight"):
-            t = unpermute_rotary_rows(t, c.n_heads)
-        elif target.endswith("attn.k.weight"):
-            t = unpermute_rotary_rows(t, c.kv_heads)
-        ours[target] = t
-    return ours, unknown
+def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's row permutation of q/k: per head, rows (2, pair) -> (pair, 2)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

@@ -1,48 +1,110 @@
 """Parameter-name tables: a checkpoint format is data, not a function full of special cases.
 
-A table maps a checkpoint's names to lmzoo's, with `{i}` standing for the layer number:
+A table maps a checkpoint's names to lmzoo's, with `{i}` (layer) or `{e}` (expert) standing
+for a number:
     "model.layers.{i}.self_attn.q_proj.weight": "blocks.{i}.attn.q.weight"
-`rename_in` and `rename_out` apply a table in either direction and report every name that
-has no counterpart, so a wrong checkpoint fails loudly instead of loading half a model.
+Where the tensor itself must change too, the target is a `Mapped` with a small named
+transform each way (transpose a Conv1D weight, un-permute rotary rows, ...).
+`to_ours` and `to_theirs` apply a table and report every name without a counterpart, so a
+wrong checkpoint fails loudly instead of loading half a model.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
+from ..config import Config
 from ..errors import LmzooError
+
+Transform = Callable[[torch.Tensor, Config], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """A target name plus the transforms from the checkpoint's layout to ours and back."""
+
+    name: str
+    to_ours: Transform
+    to_theirs: Transform
+
+
+def transpose(t: torch.Tensor, c: Config) -> torch.Tensor:
+    """GPT's Conv1D stores [in, out]; nn.Linear wants [out, in]. Its own inverse."""
+    return t.t().contiguous()
 
 
 def _compile(pattern: str) -> re.Pattern:
-    return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(?P<i>\d+)") + r"\Z")
+    regex = re.escape(pattern)
+    for key in ("i", "e"):
+        regex = regex.replace(re.escape("{" + key + "}"), rf"(?P<{key}>\d+)")
+    return re.compile(regex + r"\Z")
+
+
+def _fill(template: str, match: re.Match) -> str:
+    for key, value in match.groupdict().items():
+        template = template.replace("{" + key + "}", value)
+    return template
 
 
 class NameTable:
-    def __init__(self, table: Mapping[str, str], ignore: Iterable[str] = ()):
+    def __init__(self, table: Mapping[str, str | Mapped], ignore: Iterable[str] = ()):
         self.table = dict(table)
-        self._to_ours = [(_compile(theirs), ours) for theirs, ours in self.table.items()]
-        self._to_theirs = [(_compile(ours), theirs) for theirs, ours in self.table.items()]
+        self._rules = []  # (their regex, our regex, their template, our template, mapped or None)
+        for theirs, target in self.table.items():
+            ours = target.name if isinstance(target, Mapped) else target
+            mapped = target if isinstance(target, Mapped) else None
+            self._rules.append((_compile(theirs), _compile(ours), theirs, ours, mapped))
         self._ignore = [_compile(p) for p in ignore]
 
-    @staticmethod
-    def _map(name: str, rules) -> str | None:
-        for regex, target in rules:
-            m = regex.match(name)
+    def ours(self, theirs: str):
+        """(our name, transform or None) for a checkpoint name, or (None, None)."""
+        for regex, _, _, ours, mapped in self._rules:
+            m = regex.match(theirs)
             if m:
-                return target.replace("{i}", m.group("i")) if "i" in m.groupdict() else target
-        return None
+                return _fill(ours, m), (mapped.to_ours if mapped else None)
+        return None, None
 
-    def ours(self, theirs: str) -> str | None:
-        return self._map(theirs, self._to_ours)
+    def theirs(self, ours: str):
+        """(checkpoint name, transform or None) for one of our names, or (None, None)."""
+        for _, regex, theirs, _, mapped in self._rules:
+            m = regex.match(ours)
+            if m:
+                return _fill(theirs, m), (mapped.to_theirs if mapped else None)
+        return None, None
 
-    def theirs(self, ours: str) -> str | None:
-        return self._map(ours, self._to_theirs)
+    def their_name(self, ours: str) -> str:
+        return self.theirs(ours)[0] or ours
 
     def ignored(self, theirs: str) -> bool:
         return any(r.match(theirs) for r in self._ignore)
+
+
+def to_ours(tensors: Mapping[str, torch.Tensor], table: NameTable, config: Config):
+    """Rename (and transform) a checkpoint's tensors; returns (ours, unknown checkpoint names)."""
+    ours, unknown = {}, []
+    for name, t in tensors.items():
+        if table.ignored(name):
+            continue
+        target, transform = table.ours(name)
+        if target is None:
+            unknown.append(name)
+        else:
+            ours[target] = transform(t, config) if transform else t
+    return ours, unknown
+
+
+def to_theirs(state: Mapping[str, torch.Tensor], table: NameTable, config: Config) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in state.items():
+        target, transform = table.theirs(name)
+        if target is None:
+            raise LmzooError(f"tensor {name} has no name in this checkpoint format")
+        out[target] = transform(t, config) if transform else t
+    return out
 
 
 def check_state_dict(shapes: Mapping[str, tuple], expected: Mapping[str, torch.Tensor], source: str,

@@ -1,0 +1,55 @@
+"""All Hugging Face formats lmzoo reads and writes, by model_type; recognising a checkpoint."""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..errors import LmzooError
+from . import hf_glm, hf_glm1, hf_gpt, hf_llama, hf_qwen
+from .hf import HFFormat
+
+# GLM v1 comes before ChatGLM2: both say model_type 'chatglm', and each format's `matches` decides.
+FAMILY_MODULES = [hf_llama, hf_gpt, hf_qwen, hf_glm1, hf_glm]
+
+FORMATS: dict[str, list[HFFormat]] = {}
+for _module in FAMILY_MODULES:
+    for _fmt in _module.FORMATS:
+        FORMATS.setdefault(_fmt.model_type, []).append(_fmt)
+
+
+def config_from_hf(hf: dict, source: str) -> tuple[Config, HFFormat]:
+    """Recognise the family from config.json and translate its fields."""
+    model_type = hf.get("model_type")
+    if model_type is None:
+        raise LmzooError(f"{source}: config.json has no model_type field")
+    if model_type not in FORMATS:
+        raise LmzooError(f"{source}: model_type {model_type!r} is not supported; "
+                         f"supported model_types: {', '.join(FORMATS)}")
+    fmt = next((f for f in FORMATS[model_type] if f.matches(hf)), FORMATS[model_type][0])
+    try:
+        fields = fmt.read_config(hf, source)
+    except KeyError as e:
+        raise LmzooError(f"{source}: config.json lacks the field {e.args[0]!r} needed for "
+                         f"model_type {model_type!r}") from None
+    return Config(**fields), fmt
+
+
+def format_that_expresses(c: Config) -> HFFormat:
+    """The format whose config.json says everything this Config says (the family's own first)."""
+    candidates = [f for fmts in FORMATS.values() for f in fmts]
+    candidates.sort(key=lambda f: f.family != c.family)
+    for fmt in candidates:
+        try:
+            back = Config(**fmt.read_config(fmt.write_config(c)))
+        except (LmzooError, KeyError, TypeError, ValueError):
+            continue
+        if _comparable(back) == _comparable(c):
+            return fmt
+    raise LmzooError(f"no Hugging Face format can express this {c.family} config "
+                     f"(supported model_types: {', '.join(FORMATS)})")
+
+
+def _comparable(c: Config) -> dict:
+    d = c.to_dict()
+    for k in ("family", "init_std", "scaled_residual_init"):
+        d.pop(k)
+    return d
