@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, positional=True)
     p.add_argument("out_dir")
     p.set_defaults(run=cmd_convert)
+    p = sub.add_parser("masks", help="draw attention patterns: causal vs prefix LM, sliding window, sparse")
+    p.add_argument("--kind", default="all", help="causal, prefix, sliding, strided, fixed or all (default)")
+    p.add_argument("--seq", type=int, default=16, help="sequence length (default 16)")
+    p.add_argument("--prefix", type=int, default=6, help="prefix length for the prefix LM (default 6)")
+    p.add_argument("--window", type=int, default=4, help="sliding window (default 4)")
+    p.add_argument("--stride", type=int, default=4, help="stride / block length of sparse patterns (default 4)")
+    p.add_argument("--summary", type=int, default=1, help="summary positions per block, fixed pattern (default 1)")
+    p.add_argument("--out", default=None, help="also save the picture as this PNG file")
+    p.set_defaults(run=cmd_masks)
     return parser
 
 
@@ -165,6 +174,18 @@ def cmd_convert(args) -> None:
     model, tokenizer = _load(args)
     out = save_hf_dir(model, args.out_dir, tokenizer)
     print(f"wrote {out}")
+
+
+def cmd_masks(args) -> None:
+    from .mask_pictures import KINDS, as_text, mask_of, save_png, title_of
+
+    kinds = KINDS if args.kind == "all" else [args.kind]
+    opts = dict(prefix=args.prefix, window=args.window, stride=args.stride, summary=args.summary)
+    masks = {title_of(k, **opts): mask_of(k, args.seq, **opts) for k in kinds}
+    print("\n\n".join(as_text(m, t) for t, m in masks.items()))
+    if args.out:
+        save_png(masks, args.out)
+        print(f"\nwrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
