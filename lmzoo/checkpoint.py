@@ -10,11 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 
+from .atomic import atomic_dir
 from .config import Config
 from .errors import LmzooError
 from .families import PRESETS, preset
@@ -50,9 +49,20 @@ def resolve_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load(source: str | os.PathLike | None = None, *, dtype=None, device=None):
+def load(source: str | os.PathLike | None = None, *, dtype=None, device=None, adapter=None):
     """(model, tokenizer) from None (the embedded default), a HF directory, a .gguf file, or a
-    preset name (random weights; the tokenizer is then None)."""
+    preset name (random weights; the tokenizer is then None). `adapter` is a directory of
+    adapter files (LoRA), whose kind is read from its adapter_config.json."""
+    model, tok = _load_base(source, dtype=dtype, device=device)
+    if adapter is not None:
+        from .peft import load_adapter
+
+        load_adapter(model, os.fspath(adapter))
+        model.to(device=torch.device(device or "cpu"), dtype=resolve_dtype(dtype))
+    return model, tok
+
+
+def _load_base(source, *, dtype=None, device=None):
     dtype, device = resolve_dtype(dtype), torch.device(device or "cpu")
     if source is None:
         source = default_model_path()
@@ -122,20 +132,22 @@ def save_hf_dir(model: Decoder, out_dir: str, tokenizer=None, *, dtype=None) -> 
     from safetensors.torch import save_file
 
     config = model.config
+    from .peft.lora import lora_modules
+
+    if any(not m.merged for _, m in lora_modules(model)):
+        raise LmzooError("this model has unmerged LoRA adapters: merge them first (lmzoo.peft.merge_lora, "
+                         "or `lmzoo merge`), or save the adapter alone with lmzoo.peft.save_adapter")
     fmt = registry.format_that_expresses(config)
     dtype = resolve_dtype(dtype) if dtype is not None else model.tok_emb.weight.dtype
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
+             if ".lora_" not in k}  # adapters are saved on their own (or merged first)
     if config.tie_embeddings:
         state.pop("lm_head.weight")
     tensors = to_theirs(state, fmt.names, config)
     bos = getattr(tokenizer, "bos_id", None)
     eos = getattr(tokenizer, "eos_id", None)
 
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".lmzoo-save-", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf.hf_config_json(config, fmt, dtype, bos, eos), f, indent=2)
@@ -143,19 +155,4 @@ def save_hf_dir(model: Decoder, out_dir: str, tokenizer=None, *, dtype=None) -> 
             json.dump({"bos_token_id": bos, "eos_token_id": getattr(tokenizer, "stop_ids", None) or eos}, f, indent=2)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def replace_dir(new: str, target: str) -> None:
-    """Move `new` to `target`; an existing `target` is kept until the new one is in place."""
-    if not os.path.exists(target):
-        os.replace(new, target)
-        return
-    old = target + ".old-" + os.path.basename(new)
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    return os.path.abspath(out_dir)

@@ -52,4 +52,5 @@ def _comparable(c: Config) -> dict:
     d = c.to_dict()
     for k in ("family", "init_std", "scaled_residual_init"):
         d.pop(k)
+    d.update(head_dim=c.head_size, n_kv_heads=c.kv_heads)  # None means the derived value
     return d

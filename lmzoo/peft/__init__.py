@@ -1,0 +1,134 @@
+"""Parameter-efficient fine-tuning: LoRA (and, through the same files, adapters for it).
+
+    add_lora(model, LoraConfig(r=8, targets=("q", "v")))   # wrap, freeze the rest
+    save_adapter(model, "out/adapter")                      # PEFT's file format
+    load_adapter(model, "out/adapter")                      # recognises the adapter's kind
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LmzooError
+from ..formats import peft as files
+from .lora import (LoraConfig, LoRALinear, add_lora, lora_modules, merge_lora, strip_lora, trainable_report,
+                   unmerge_lora)
+
+__all__ = ["LoraConfig", "LoRALinear", "add_lora", "merge_lora", "unmerge_lora", "strip_lora", "lora_modules",
+           "trainable_report", "save_adapter", "load_adapter", "adapter_kind"]
+
+UNSUPPORTED_LORA_OPTIONS = {"use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+                            "bias": "none"}
+
+
+def save_adapter(model, out_dir: str, base_name: str | None = None) -> str:
+    """Write the model's adapter (LoRA) in PEFT's format, atomically."""
+    if getattr(model, "lora_config", None) is not None:
+        return _save_lora(model, out_dir, base_name)
+    raise LmzooError("this model has no adapter to save (add one with add_lora first)")
+
+
+def _save_lora(model, out_dir, base_name):
+    cfg = model.lora_config
+    mods = lora_modules(model)
+    common = {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+              "bias": "none", "task_type": "CAUSAL_LM", "inference_mode": True, "base_model_name_or_path": base_name}
+    base = files.base_signature(model)
+    tensors = {}
+    if any(list(m.slices) != [""] for _, m in mods):
+        for name, m in mods:
+            for key in m.lora_A:
+                tensors[f"{name}.lora_A.{key}"] = m.lora_A[key]
+                tensors[f"{name}.lora_B.{key}"] = m.lora_B[key]
+        config = {"peft_type": files.SLICED, "targets": list(cfg.targets or ()), **common,
+                  "format": "lmzoo per-slice LoRA: keys are lmzoo module names + .lora_A/.lora_B.<slice>"}
+        return files.write_adapter(out_dir, config, tensors, base)
+    targets, fan_in_fan_out = set(), False
+    for name, m in mods:
+        path, transform = files.their_module(model, name)
+        B = m.lora_B["all"]
+        if transform is files.transpose:  # GPT's Conv1D: PEFT transposes the update itself
+            fan_in_fan_out = True
+        elif transform is not None:  # a row permutation of the weight applies to B's rows too
+            B = transform(B, model.config)
+        tensors[f"{files.PREFIX}{path}.lora_A.weight"] = m.lora_A["all"]
+        tensors[f"{files.PREFIX}{path}.lora_B.weight"] = B
+        targets.add(path.rsplit(".", 1)[-1])
+    config = {"peft_type": "LORA", "target_modules": sorted(targets), "fan_in_fan_out": fan_in_fan_out,
+              "init_lora_weights": True, "modules_to_save": None, **common}
+    return files.write_adapter(out_dir, config, tensors, base)
+
+
+def adapter_kind(path: str) -> str:
+    return files.read_adapter_config(path).get("peft_type", "?")
+
+
+def load_adapter(model, path: str) -> str:
+    """Attach the adapter in `path` to `model`; returns its kind (peft_type)."""
+    config = files.read_adapter_config(path)
+    kind = config.get("peft_type")
+    tensors, recorded_base = files.read_adapter_tensors(path)
+    files.check_base(model, recorded_base, path)
+    if kind == "LORA":
+        _load_peft_lora(model, config, tensors, path)
+    elif kind == files.SLICED:
+        _load_sliced_lora(model, config, tensors, path)
+    else:
+        raise LmzooError(f"{path}: adapter type {kind!r} is not supported (supported: LORA, {files.SLICED})")
+    return kind
+
+
+def _lora_config(config: dict, targets, path: str) -> LoraConfig:
+    for key, default in UNSUPPORTED_LORA_OPTIONS.items():
+        if config.get(key) not in (default, None):
+            raise LmzooError(f"{path}: adapter_config.json {key}={config[key]!r} is not supported "
+                             f"(lmzoo needs {default!r})")
+    return LoraConfig(r=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),
+                      dropout=float(config.get("lora_dropout", 0.0)), targets=tuple(sorted(targets)),
+                      rslora=bool(config.get("use_rslora", False)))
+
+
+def _load_peft_lora(model, config, tensors, path):
+    weights: dict[str, dict[str, object]] = {}
+    for key, t in tensors.items():
+        if not key.startswith(files.PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise LmzooError(f"{path}: unexpected tensor {key} in a LoRA adapter")
+        their_path, part = key[len(files.PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        weights.setdefault(files.our_module(model, their_path), {})[part] = (t, their_path)
+    targets = {name.rsplit(".", 1)[-1] for name in weights}
+    add_lora(model, _lora_config(config, targets, path))
+    for ours, parts in weights.items():
+        module = model.get_submodule(ours)
+        (A, their_path), (B, _) = parts["lora_A"], parts["lora_B"]
+        _, transform = files.their_module(model, ours)
+        if transform is not None and transform is not files.transpose:
+            B = _inverse_rows(model, ours, B)
+        _copy(module.lora_A["all"], A, f"{their_path}.lora_A.weight", path)
+        _copy(module.lora_B["all"], B, f"{their_path}.lora_B.weight", path)
+
+
+def _inverse_rows(model, ours: str, B):
+    from ..formats.registry import format_that_expresses
+
+    fmt = format_that_expresses(model.config)
+    theirs, _ = fmt.names.theirs(ours + ".weight")
+    _, to_ours = fmt.names.ours(theirs)
+    return to_ours(B, model.config)
+
+
+def _load_sliced_lora(model, config, tensors, path):
+    add_lora(model, _lora_config(config, config.get("targets") or (), path))
+    params = dict(model.named_parameters())
+    for key, t in tensors.items():
+        if key not in params:
+            raise LmzooError(f"{path}: adapter tensor {key} does not exist in this model "
+                             "(an adapter made for another base model?)")
+        _copy(params[key], t, key, path)
+
+
+def _copy(param, value, name: str, path: str) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise LmzooError(f"{path}: adapter tensor {name} has shape {list(value.shape)}, but this model needs "
+                         f"{list(param.shape)} (an adapter made for another base model?)")
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
