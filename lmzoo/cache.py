@@ -20,6 +20,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled so far, shared by all layers
         self.prefix_len: torch.Tensor | None = None  # per row, for GLM's block positions
+        self.rope_length = None  # Qwen1: the prefill's length (per row), which fixes the NTK alpha
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, Hkv, T, D] at slots length..length+T; return all keys and values so far."""

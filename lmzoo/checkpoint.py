@@ -57,7 +57,11 @@ def load(source: str | os.PathLike | None = None, *, dtype=None, device=None, ad
     if adapter is not None:
         from .peft import load_adapter
 
-        load_adapter(model, os.fspath(adapter))
+        adapter = os.fspath(adapter)
+        inner = os.path.join(adapter, "adapter")  # a `lmzoo finetune --out` directory
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")) and os.path.isdir(inner):
+            adapter = inner
+        load_adapter(model, adapter)
         model.to(device=torch.device(device or "cpu"), dtype=resolve_dtype(dtype))
     return model, tok
 

@@ -16,6 +16,8 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
                        help="preset, Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    if not positional:
+        p.add_argument("--adapter", default=None, help="adapter directory (LoRA), e.g. a finetune output")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +54,44 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, positional=True)
     p.add_argument("out_dir")
     p.set_defaults(run=cmd_convert)
+    p = sub.add_parser("finetune", help="fine-tune on a JSONL file (LoRA or full)")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="JSONL: chat `messages`, `prompt`/`response`, or `text` per line")
+    p.add_argument("--out", required=True, help="output directory (adapter/, metrics.jsonl, loss.png, checkpoint/)")
+    p.add_argument("--method", default="lora", help="lora (default) or full")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--targets", default=None, help="comma-separated: q,k,v,o,gate,up,down,qkv,gate_up,experts "
+                   "(default: q,v, or qkv where q|k|v are fused)")
+    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens")
+    p.add_argument("--too-long", default="truncate", choices=["truncate", "refuse"])
+    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this share for validation")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--pack", action="store_true", help="pack examples into full rows")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--skip-bad-lines", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_finetune)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base and write a Hugging Face directory")
+    p.add_argument("base", help="base model: preset, Hugging Face directory or .gguf file")
+    p.add_argument("adapter", help="adapter directory")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(run=cmd_merge)
+
     p = sub.add_parser("masks", help="draw attention patterns: causal vs prefix LM, sliding window, sparse")
     p.add_argument("--kind", default="all", help="causal, prefix, sliding, strided, fixed or all (default)")
     p.add_argument("--seq", type=int, default=16, help="sequence length (default 16)")
@@ -73,7 +113,7 @@ def _version() -> str:
 def _load(args):
     from .checkpoint import load
 
-    return load(args.source, dtype=args.dtype, device=args.device)
+    return load(args.source, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None))
 
 
 def _sampling(args, tokenizer) -> dict:
@@ -174,6 +214,47 @@ def cmd_convert(args) -> None:
     model, tokenizer = _load(args)
     out = save_hf_dir(model, args.out_dir, tokenizer)
     print(f"wrote {out}")
+
+
+def cmd_finetune(args) -> None:
+    from .checkpoint import load
+    from .peft import LoraConfig
+    from .train import TrainConfig, finetune
+
+    model, tokenizer = load(args.source, dtype=args.dtype, device=args.device)
+    tokenizer = _need_tokenizer(tokenizer, args.source)
+    targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else None
+    lora = LoraConfig(r=args.r, alpha=args.alpha, dropout=args.lora_dropout, targets=targets, rslora=args.rslora)
+    train = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                        grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
+                        seed=args.seed, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing,
+                        save_every=args.save_every, eval_every=args.eval_every)
+    torch_seed(args.seed)
+    result = finetune(model, tokenizer, args.data, args.out, method=args.method, lora=lora, train=train,
+                      val_fraction=args.val_fraction, skip_bad_lines=args.skip_bad_lines, too_long=args.too_long,
+                      packing=args.pack, resume=args.resume, max_len=args.max_len,
+                      base_name=args.source or "SmolLM2-135M-Instruct")
+    print(f"data: {result.data}")
+    print(f"trainable parameters: {result.trainable:,} of {result.total:,} ({result.trainable_percent:.3f}%)")
+    print(f"final loss {result.metrics[-1]['loss']:.4f} after {result.metrics[-1]['step']} steps")
+    print(f"saved {result.saved}\nloss curve {result.loss_png}")
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def cmd_merge(args) -> None:
+    from .checkpoint import load, save_hf_dir
+    from .peft import strip_lora
+
+    model, tokenizer = load(args.base, dtype=args.dtype, adapter=args.adapter)
+    if not any(".lora_" in n for n, _ in model.named_parameters()):
+        raise LmzooError(f"{args.adapter}: `lmzoo merge` merges LoRA adapters only")
+    strip_lora(model)
+    print(f"wrote {save_hf_dir(model, args.out_dir, tokenizer)}")
 
 
 def cmd_masks(args) -> None:

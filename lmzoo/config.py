@@ -88,6 +88,8 @@ class Config:
     """llama3 scaling: wavelengths below original_len/high_freq_factor are kept as they are."""
     rope_original_max_seq_len: int = 8192
     """llama3 scaling: the context length the frequencies were trained for."""
+    rope_fp16_frequencies: bool = False
+    """Round the rotary frequencies to fp16, as ChatGLM-6B's code does (a ~1e-4 change in logits)."""
 
     # --- attention ---------------------------------------------------------------------
     qkv_bias: bool = False
@@ -102,6 +104,8 @@ class Config:
     """Each token attends only to the last `sliding_window` positions, itself included (Mistral)."""
     lm_type: str = "causal"
     """'causal': each token sees only earlier ones; 'prefix': the prompt sees itself both ways."""
+    span_start_token: bool = False
+    """A prefix LM's prompt ends with a token that opens the generated span (GLM's <sop>), outside the prefix."""
     attention_pattern: str = "dense"
     """Sparse Transformer patterns (GPT-3): 'dense', 'banded' (local band), 'strided' or 'fixed'."""
     sparse_block: int = 128

@@ -98,11 +98,13 @@ GLM4_9B = CHATGLM2_6B.replace(vocab_size=151552, n_layers=40, max_seq_len=131072
 GLM4_9B_0414 = GLM4_9B.replace(post_sublayer_norm=True, max_seq_len=32768, rope_base=10000.0, norm_eps=1e-5)
 
 # ChatGLM-6B (GLM v1): a prefix LM. DeepNorm (the normed input is the residual, scaled by
-# sqrt(2 * n_layers)), 2-D rotary positions, a GELU MLP and biases everywhere.
+# sqrt(2 * 28) in every released size), 2-D rotary positions, a GELU MLP and biases everywhere.
+# Its prompt ends "[gMASK] <sop>": <sop> opens the generated span, outside the prefix.
 CHATGLM_6B = CLASSIC.replace(family="glm", norm="layernorm", norm_bias=True, norm_position="deepnorm",
                              residual_scale=math.sqrt(2 * 28), positions="rope_2d", rope_fraction=0.5,
                              fused_qkv=True, qkv_bias=True, o_bias=True, mlp="gelu", activation="gelu_tanh",
-                             mlp_bias=True, lm_type="prefix", tie_embeddings=True, vocab_size=130528, n_layers=28, d_model=4096,
+                             mlp_bias=True, lm_type="prefix", span_start_token=True, rope_fp16_frequencies=True,
+                             tie_embeddings=True, vocab_size=130528, n_layers=28, d_model=4096,
                              n_heads=32, d_ff=16384, max_seq_len=2048)
 
 PRESETS: dict[str, Config] = {

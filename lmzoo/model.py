@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .attention import Attention, Step
@@ -90,6 +91,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -142,6 +144,8 @@ class Decoder(nn.Module):
             raise LmzooError(f"KV cache holds {cache.max_len} tokens; {start + T} requested")
 
         key_valid = self._key_validity(attention_mask, cache, start, T)
+        if prefix_len is None and c.lm_type == "prefix" and start == 0:
+            prefix_len = self._default_prefix(key_valid, T)
         if position_ids is None:
             position_ids = self._default_positions(key_valid, start, T, B, input_ids.device)
         if c.positions == "rope_2d" and position_ids.dim() == 2:
@@ -152,19 +156,35 @@ class Decoder(nn.Module):
         if c.positions == "learned":
             x = x + self.pos_emb(position_ids)
         elif c.positions.startswith("rope"):
-            rope = rope_tables(c, position_ids, seq_len=start + T)
+            rope = rope_tables(c, position_ids, seq_len=self._rope_length(key_valid, cache, start, T))
         if c.logn_attention:
             query_scale = logn_scale(position_ids if position_ids.dim() == 2 else position_ids[0], c.max_seq_len)
 
         dense, sparse = self._masks(start, T, key_valid, prefix_len, input_ids.device, B)
         step = Step(rope=rope, query_scale=query_scale, dense=dense, sparse=sparse, cache=cache)
         for i, block in enumerate(self.blocks):
-            x = block(x, step, i)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, step, i, use_reentrant=False)
+            else:
+                x = block(x, step, i)
         if cache is not None:
             cache.advance(T)
         return self.final_norm(x)
 
     # ------------------------------------------------------------------ helpers
+    def _rope_length(self, key_valid, cache, start, T):
+        """The length that drives length-dependent rotary scaling. Qwen1's NTK alpha is fixed
+        per prompt: each row's real token count at the prefill, kept while
+        decoding from the cache; the other scalings follow the current length."""
+        if self.config.rope_scaling != "ntk_alpha":
+            return start + T
+        if cache is not None and start > 0:
+            return cache.rope_length
+        length = T if key_valid is None else key_valid[:, :T].sum(-1)
+        if cache is not None:
+            cache.rope_length = length
+        return length
+
     @staticmethod
     def _key_validity(attention_mask, cache, start, T):
         """Which key slots hold real tokens: [B, start+T], or None when all of them do."""
@@ -185,9 +205,15 @@ class Decoder(nn.Module):
         pos = key_valid.long().cumsum(-1) - 1
         return pos[:, start:start + T].clamp(min=0)
 
+    def _default_prefix(self, key_valid, T):
+        """A prefix LM reads the whole prompt both ways (minus a span-opening last token)."""
+        real = key_valid[:, :T].sum(-1) if key_valid is not None else torch.tensor([T])
+        return (real - int(self.config.span_start_token)).clamp(min=0)
+
     def _with_block_positions(self, positions, prefix_len, cache, T):
-        """GLM's second position stream: 0 over the context (the prefix), then 1, 2, ... over
-        the generated span. A cache remembers each row's prefix length for decoding."""
+        """GLM's 2-D positions: over the generated span the first stream stays at the last
+        context token (the [gMASK] the span fills) and the second counts 1, 2, ...; over the
+        context the second is 0. A cache remembers each row's prefix length for decoding."""
         B = positions.shape[0]
         if cache is not None and cache.length > 0:
             prefix = cache.prefix_len
@@ -198,14 +224,13 @@ class Decoder(nn.Module):
         if cache is not None and cache.length == 0:
             cache.prefix_len = prefix
         block = (positions - prefix[:, None] + 1).clamp(min=0)
+        positions = torch.minimum(positions, (prefix[:, None] - 1).clamp(min=0))
         return torch.stack([positions, block])
 
     def _masks(self, start, T, key_valid, prefix_len, device, B):
         """(mask, is_causal) for dense layers and for sparse ones; masks are shared by all layers
         of a kind, and mask=None with is_causal says SDPA's own causal mask does the job."""
         c = self.config
-        if prefix_len is None and c.lm_type == "prefix":
-            prefix_len = T if start == 0 else None  # a prefix LM reads a whole prompt both ways
         prefix_end = None
         if prefix_len is not None:
             prefix_len = torch.as_tensor(prefix_len, device=device).expand(B)
@@ -250,8 +275,8 @@ class Decoder(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def loss(self, input_ids, labels=None, *, prefix_len=None, **kwargs) -> torch.Tensor:
-        """Mean next-token cross-entropy over labelled positions (label -100 is ignored).
+    def loss(self, input_ids, labels=None, *, prefix_len=None, reduction="mean", **kwargs) -> torch.Tensor:
+        """Next-token cross-entropy over labelled positions (label -100 is ignored); mean or sum.
 
         Without labels every token is a target, except a prefix LM's prefix, which is context."""
         if labels is None:
@@ -262,4 +287,5 @@ class Decoder(nn.Module):
             if kwargs.get("attention_mask") is not None:
                 labels[kwargs["attention_mask"] == 0] = -100
         logits = self(input_ids, prefix_len=prefix_len, **kwargs)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                               reduction=reduction)

@@ -14,18 +14,29 @@ import torch
 from .config import Config
 
 
-def inverse_frequencies(c: Config, seq_len: int | None = None) -> torch.Tensor:
-    """theta_i = base^(-2i/d) for the rotated dims, after the config's scaling. Shape [d/2]."""
+def ntk_alpha(seq_len: int, max_seq_len: int) -> int:
+    """Qwen1's dynamic NTK step: alpha = 2^ceil(log2(seq_len/max_seq_len) + 1) - 1, at least 1,
+    so 1 within max_seq_len, then 3 up to twice it, 7 up to four times, ..."""
+    return max(2 ** math.ceil(math.log2(seq_len / max_seq_len) + 1) - 1, 1)
+
+
+def inverse_frequencies(c: Config, seq_len: int | torch.Tensor | None = None) -> torch.Tensor:
+    """theta_i = base^(-2i/d) for the rotated dims, after the config's scaling. Shape [d/2].
+
+    For 'ntk_alpha' seq_len may be a LongTensor [B] (each row's own length): then [B, d/2]."""
     d, base = c.rope_dims, c.rope_base
+    if c.rope_scaling == "ntk_alpha" and torch.is_tensor(seq_len):
+        return torch.stack([inverse_frequencies(c, int(n)) for n in seq_len.tolist()])
     beyond = seq_len is not None and seq_len > c.max_seq_len
     if c.rope_scaling == "dynamic" and beyond:
         # Dynamic NTK: grow the base with the sequence so the lowest frequency still fits.
         base = base * ((c.rope_factor * seq_len / c.max_seq_len) - (c.rope_factor - 1)) ** (d / (d - 2))
     elif c.rope_scaling == "ntk_alpha" and beyond:
-        # Qwen1's variant: alpha = 2^ceil(log2(seq/max_seq_len) + 1) - 1, a power-of-two step.
-        alpha = max(2 ** math.ceil(math.log2(seq_len / c.max_seq_len) + 1) - 1, 1)
-        base = base * alpha ** (d / (d - 2))
+        # Qwen1's variant: a power-of-two step of the length (see ntk_alpha).
+        base = base * ntk_alpha(seq_len, c.max_seq_len) ** (d / (d - 2))
     inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if c.rope_fp16_frequencies:
+        inv = inv.half().float()
     if c.rope_scaling == "linear":
         inv = inv / c.rope_factor
     elif c.rope_scaling == "llama3":
@@ -52,6 +63,8 @@ def rope_tables(c: Config, positions: torch.Tensor, seq_len: int | None = None) 
 
     positions is [B, T], or [2, B, T] for 2-D rotary (GLM): one table per position stream."""
     inv = inverse_frequencies(c, seq_len).to(positions.device)
+    if inv.dim() == 2:  # one set of frequencies per row
+        inv = inv[:, None, None, :]
     streams = positions if positions.dim() == 3 else positions[None]
     return [((p[:, None, :, None].float() * inv).cos(), (p[:, None, :, None].float() * inv).sin())
             for p in streams]

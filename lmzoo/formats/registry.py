@@ -37,15 +37,20 @@ def format_that_expresses(c: Config) -> HFFormat:
     """The format whose config.json says everything this Config says (the family's own first)."""
     candidates = [f for fmts in FORMATS.values() for f in fmts]
     candidates.sort(key=lambda f: f.family != c.family)
+    reasons = []
     for fmt in candidates:
         try:
             back = Config(**fmt.read_config(fmt.write_config(c)))
-        except (LmzooError, KeyError, TypeError, ValueError):
+        except (LmzooError, KeyError, TypeError, ValueError) as e:
+            reasons.append(f"{fmt.model_type}: {e}")
             continue
         if _comparable(back) == _comparable(c):
             return fmt
-    raise LmzooError(f"no Hugging Face format can express this {c.family} config "
-                     f"(supported model_types: {', '.join(FORMATS)})")
+        lost = sorted(k for k, v in _comparable(c).items() if _comparable(back).get(k) != v)
+        reasons.append(f"{fmt.model_type}: cannot say {', '.join(lost)}")
+    own = [r for r in reasons if r.split(":")[0] in {f.model_type for f in candidates if f.family == c.family}]
+    raise LmzooError(f"no Hugging Face format can express this {c.family} config"
+                     + (f" ({'; '.join(own)})" if own else f" (supported model_types: {', '.join(FORMATS)})"))
 
 
 def _comparable(c: Config) -> dict:
@@ -53,4 +58,7 @@ def _comparable(c: Config) -> dict:
     for k in ("family", "init_std", "scaled_residual_init"):
         d.pop(k)
     d.update(head_dim=c.head_size, n_kv_heads=c.kv_heads)  # None means the derived value
+    if c.attention_pattern == "dense":  # the sparse knobs mean nothing without a sparse pattern
+        for k in ("sparse_block", "sparse_summary", "sparse_layers"):
+            d.pop(k)
     return d

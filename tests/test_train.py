@@ -1,0 +1,123 @@
+"""The fine-tuning pipeline: data encoding, the loop, exact resume, and bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import lmzoo
+from lmzoo.formats.gguf_file import read_gguf
+from lmzoo.peft import LoraConfig
+from lmzoo.tokenizer import Tokenizer
+from lmzoo.train import TrainConfig, finetune
+from lmzoo.train.data import IGNORE, encode_record, load_examples, read_jsonl
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": "Reverse: abc"}, {"role": "assistant", "content": "cba"}]},
+    {"prompt": "Reverse: hello", "response": "olleh"},
+    {"messages": [{"role": "user", "content": "Reverse: xyz"}, {"role": "assistant", "content": "zyx"},
+                  {"role": "user", "content": "Reverse: 12"}, {"role": "assistant", "content": "21"}]},
+    {"prompt": "Reverse: moon", "response": "noom"},
+    {"prompt": "Reverse: star", "response": "rats"},
+    {"prompt": "Reverse: lmzoo", "response": "oozml"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_gguf_metadata(read_gguf(lmzoo.default_model_path(), load_tensors=False).metadata, "smollm2")
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = lmzoo.preset("smollm2-135m").replace(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48,
+                                               max_seq_len=256, init_std=0.3)
+    return lmzoo.from_config(cfg)
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_loss_falls_on_assistant_tokens_only(tok):
+    ex = encode_record(RECORDS[2], tok)
+    labelled = [t for t in ex.labels if t != IGNORE]
+    text = tok.decode(labelled)
+    assert text == "zyx<|im_end|>\n21<|im_end|>\n"
+    assert ex.answer == "21" and ex.ids[:len(ex.prompt)] == ex.prompt
+    assert tok.decode(ex.ids[len(ex.prompt):]) == "21<|im_end|>\n"
+    plain = encode_record({"text": "hello world"}, tok)
+    assert plain.labels == plain.ids
+
+
+def test_bad_lines_empty_data_and_long_examples(tok, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(RECORDS[0]) + "\n{not json\n" + json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(lmzoo.LmzooError, match=r"bad.jsonl:2: .*--skip-bad-lines"):
+        read_jsonl(str(bad))
+    from lmzoo.train.data import DataReport
+    report = DataReport()
+    assert len(read_jsonl(str(bad), skip_bad_lines=True, report=report)) == 1
+    assert report.skipped_lines == [2, 3]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(lmzoo.LmzooError, match="empty.jsonl: the dataset is empty"):
+        read_jsonl(str(empty))
+    long = write(tmp_path / "long.jsonl", [{"text": "word " * 50}])
+    with pytest.raises(lmzoo.LmzooError, match="more than the context of 16"):
+        load_examples(long, tok, 16, too_long="refuse")
+    report = DataReport()
+    examples = load_examples(long, tok, 16, report=report)
+    assert len(examples[0].ids) == 16 and report.truncated == 1
+
+
+def run(tok, tmp_path, name, steps, **kw):
+    model = tiny_model()
+    train = TrainConfig(steps=steps, lr=kw.pop("lr", 5e-3), batch_size=4, grad_accum=2, seed=1, progress=False,
+                        save_every=kw.pop("save_every", 0), warmup_steps=2)
+    result = finetune(model, tok, write(tmp_path / "d.jsonl", RECORDS), str(tmp_path / name),
+                      lora=LoraConfig(r=4, alpha=8, targets=("q", "k", "v", "o", "gate", "up", "down"), dropout=0.1),
+                      train=train, **kw)
+    return model, result
+
+
+def test_short_lora_run_lowers_the_loss_and_saves_an_adapter(tok, tmp_path):
+    model, result = run(tok, tmp_path, "out", 25, lr=2e-2)
+    losses = [m["loss"] for m in result.metrics]
+    assert losses[-1] < 0.7 * losses[0]
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 26))
+    assert 0 < result.trainable_percent < 50
+
+
+def test_resume_continues_exactly(tok, tmp_path):
+    whole_model, whole = run(tok, tmp_path, "whole", 6)
+    part_model, _ = run(tok, tmp_path, "part", 6, save_every=3, stop_after=3)
+    resumed_model, resumed = run(tok, tmp_path, "part", 6, save_every=3, resume=True)
+    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in whole.metrics]
+    for (n, a), (_, b) in zip(whole_model.named_parameters(), resumed_model.named_parameters()):
+        assert torch.equal(a, b), n
+    rows = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok, tmp_path, monkeypatch):
+    from lmzoo.model import Decoder
+
+    real = Decoder.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *a, **k):
+        calls["n"] += 1
+        out = real(self, *a, **k)
+        return out * float("nan") if calls["n"] > 4 else out  # steps 1-2 fine (2 micro-batches each)
+
+    monkeypatch.setattr(Decoder, "loss", sometimes_nan)
+    with pytest.raises(lmzoo.LmzooError, match=r"loss became nan at step 3.*last good checkpoint"):
+        run(tok, tmp_path, "nan", 6, save_every=1)
+    state = json.loads((tmp_path / "nan" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2 and all(math.isfinite(m["loss"]) for m in state["metrics"])
