@@ -94,8 +94,10 @@ CHATGLM3_6B = CHATGLM2_6B.replace(max_seq_len=8192)
 # GLM-4: ChatGLM's architecture, bigger vocabulary and context (rope_ratio 500 scales the base).
 GLM4_9B = CHATGLM2_6B.replace(vocab_size=151552, n_layers=40, max_seq_len=131072, rope_base=5000000.0,
                               norm_eps=1.5625e-07)
-# GLM-4-0414 (transformers' glm4): one more norm after each sublayer (sandwich norm).
-GLM4_9B_0414 = GLM4_9B.replace(post_sublayer_norm=True, max_seq_len=32768, rope_base=10000.0, norm_eps=1e-5)
+# GLM-4-0414 (transformers' glm4): one more norm after each sublayer (sandwich norm); its
+# checkpoints store q, k and v apart.
+GLM4_9B_0414 = GLM4_9B.replace(post_sublayer_norm=True, fused_qkv=False, max_seq_len=32768, rope_base=10000.0,
+                               norm_eps=1e-5)
 
 # ChatGLM-6B (GLM v1): a prefix LM. DeepNorm (the normed input is the residual, scaled by
 # sqrt(2 * 28) in every released size), 2-D rotary positions, a GELU MLP and biases everywhere.
