@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", type=int, default=1, help="summary positions per block, fixed pattern (default 1)")
     p.add_argument("--out", default=None, help="also save the picture as this PNG file")
     p.set_defaults(run=cmd_masks)
+
+    from .cli_show import register
+
+    register(sub)
     return parser
 
 
