@@ -25,6 +25,7 @@ class Step:
     dense: tuple  # (mask, is_causal) of dense layers: mask boolean [B|1, 1, Tq, Tk] or None
     sparse: tuple | None  # the same for layers with a sparse pattern (GPT-3)
     cache: KVCache | None
+    prefix_kv: list | None = None  # P-tuning v2 without a cache: per layer (k, v) [B, Hkv, P, D]
 
 
 class Attention(nn.Module):
@@ -62,6 +63,9 @@ class Attention(nn.Module):
             q = q * step.query_scale.to(q.dtype)
         if step.cache is not None:
             k, v = step.cache.update(layer, k, v)
+        elif step.prefix_kv is not None:  # virtual keys are stored unrotated, in front
+            pk, pv = step.prefix_kv[layer]
+            k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
         mask, is_causal = step.sparse if self.sparse else step.dense
         y = sdpa(q, k, v, mask, is_causal)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))

@@ -19,6 +19,7 @@ class KVCache:
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.length = 0  # slots filled so far, shared by all layers
+        self.n_virtual = 0  # P-tuning v2's virtual tokens in the first slots
         self.prefix_len: torch.Tensor | None = None  # per row, for GLM's block positions
         self.rope_length = None  # Qwen1: the prefill's length (per row), which fixes the NTK alpha
 
@@ -28,6 +29,15 @@ class KVCache:
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def write_virtual(self, key_values: list) -> None:
+        """Put P-tuning v2's per-layer virtual keys/values [B, Hkv, P, D] in the first slots."""
+        P = key_values[0][0].shape[2]
+        for layer, (k, v) in enumerate(key_values):
+            self.k[layer][:, :, :P] = k
+            self.v[layer][:, :, :P] = v
+        self.key_valid[:, :P] = True
+        self.length = self.n_virtual = P
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -52,7 +52,7 @@ def resolve_dtype(dtype) -> torch.dtype:
 def load(source: str | os.PathLike | None = None, *, dtype=None, device=None, adapter=None):
     """(model, tokenizer) from None (the embedded default), a HF directory, a .gguf file, or a
     preset name (random weights; the tokenizer is then None). `adapter` is a directory of
-    adapter files (LoRA), whose kind is read from its adapter_config.json."""
+    adapter files (LoRA, P-tuning v2, prompt tuning), whose kind its adapter_config.json names."""
     model, tok = _load_base(source, dtype=dtype, device=device)
     if adapter is not None:
         from .peft import load_adapter
@@ -144,7 +144,7 @@ def save_hf_dir(model: Decoder, out_dir: str, tokenizer=None, *, dtype=None) -> 
     fmt = registry.format_that_expresses(config)
     dtype = resolve_dtype(dtype) if dtype is not None else model.tok_emb.weight.dtype
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
-             if ".lora_" not in k}  # adapters are saved on their own (or merged first)
+             if ".lora_" not in k and not k.startswith("virtual.")}  # adapters are saved on their own
     if config.tie_embeddings:
         state.pop("lm_head.weight")
     tensors = to_theirs(state, fmt.names, config)

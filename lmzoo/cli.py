@@ -17,7 +17,8 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     if not positional:
-        p.add_argument("--adapter", default=None, help="adapter directory (LoRA), e.g. a finetune output")
+        p.add_argument("--adapter", default=None,
+                       help="adapter directory (LoRA, P-tuning v2, prompt tuning), e.g. a finetune output")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -58,13 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--data", required=True, help="JSONL: chat `messages`, `prompt`/`response`, or `text` per line")
     p.add_argument("--out", required=True, help="output directory (adapter/, metrics.jsonl, loss.png, checkpoint/)")
-    p.add_argument("--method", default="lora", help="lora (default) or full")
+    p.add_argument("--method", default="lora", help="lora (default), ptuning-v2, prompt-tuning or full")
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--targets", default=None, help="comma-separated: q,k,v,o,gate,up,down,qkv,gate_up,experts "
                    "(default: q,v, or qkv where q|k|v are fused)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    p.add_argument("--num-virtual-tokens", type=int, default=32, help="P-tuning/prompt tuning: P (default 32)")
+    p.add_argument("--prefix-projection", action="store_true", help="P-tuning v2: THUDM's MLP over the prefix")
+    p.add_argument("--encoder-hidden", type=int, default=None, help="width of the prefix/prompt encoder's MLP")
+    p.add_argument("--prefix-dropout", type=float, default=0.0)
+    p.add_argument("--text-positions", default="after", choices=["after", "zero"],
+                   help="P-tuning v2: text positions start after the prefix (PEFT) or at zero (ChatGLM)")
+    p.add_argument("--prompt-reparam", default=None, choices=["mlp", "lstm"],
+                   help="prompt tuning: P-tuning v1's reparameterisation")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=2e-4)
@@ -222,19 +231,25 @@ def cmd_convert(args) -> None:
 
 def cmd_finetune(args) -> None:
     from .checkpoint import load
-    from .peft import LoraConfig
+    from .peft import LoraConfig, PrefixConfig, PromptConfig
     from .train import TrainConfig, finetune
 
     model, tokenizer = load(args.source, dtype=args.dtype, device=args.device)
     tokenizer = _need_tokenizer(tokenizer, args.source)
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else None
     lora = LoraConfig(r=args.r, alpha=args.alpha, dropout=args.lora_dropout, targets=targets, rslora=args.rslora)
+    prefix = PrefixConfig(n_virtual=args.num_virtual_tokens, projection=args.prefix_projection,
+                          encoder_hidden=args.encoder_hidden, dropout=args.prefix_dropout,
+                          text_positions=args.text_positions)
+    prompt = PromptConfig(n_virtual=args.num_virtual_tokens, reparam=args.prompt_reparam,
+                          encoder_hidden=args.encoder_hidden)
     train = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
                         seed=args.seed, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing,
                         save_every=args.save_every, eval_every=args.eval_every)
     torch_seed(args.seed)
-    result = finetune(model, tokenizer, args.data, args.out, method=args.method, lora=lora, train=train,
+    result = finetune(model, tokenizer, args.data, args.out, method=args.method, lora=lora, prefix=prefix,
+                      prompt=prompt, train=train,
                       val_fraction=args.val_fraction, skip_bad_lines=args.skip_bad_lines, too_long=args.too_long,
                       packing=args.pack, resume=args.resume, max_len=args.max_len,
                       base_name=args.source or "SmolLM2-135M-Instruct")

@@ -56,9 +56,12 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
     """
     c = model.config
     B, T = input_ids.shape
-    if T > c.context_limit:
-        raise LmzooError(f"prompt of {T} tokens is longer than the model's context of {c.context_limit} tokens")
-    max_new_tokens = min(max_new_tokens, c.context_limit - T)  # the context is a hard wall
+    n_virtual = model.virtual.n_virtual if model.virtual is not None else 0
+    if n_virtual + T > c.context_limit:
+        virtual = f"{n_virtual} virtual tokens + " if n_virtual else ""
+        raise LmzooError(f"prompt of {virtual}{T} tokens is longer than the model's context of "
+                         f"{c.context_limit} tokens")
+    max_new_tokens = min(max_new_tokens, c.context_limit - T - n_virtual)  # the context is a hard wall
     device = model.tok_emb.weight.device
     input_ids = input_ids.to(device)
     if attention_mask is not None:
@@ -71,9 +74,6 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, prefix_len=prefix_len)[:, -1]
-    positions = None
-    if attention_mask is not None:
-        positions = attention_mask.long().sum(-1, keepdim=True)  # next position of each row
     for _ in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
         token = token.masked_fill(done, -1)
@@ -81,13 +81,8 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
         done = done | torch.isin(token, stops)
         if bool(done.all()):
             return
-        step_ids = token.clamp(min=0)[:, None]
-        step_mask = None
-        if positions is not None:
-            step_mask = torch.ones_like(step_ids)
-        logits = model(step_ids, attention_mask=step_mask, position_ids=positions, cache=cache)[:, -1]
-        if positions is not None:
-            positions = positions + 1
+        # Positions continue from the cache's record of real tokens, so padded rows stay aligned.
+        logits = model(token.clamp(min=0)[:, None], cache=cache)[:, -1]
 
 
 def generate(model, input_ids, max_new_tokens: int = 64, *, pad_id: int | None = None, **options):

@@ -92,6 +92,7 @@ class Decoder(nn.Module):
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.gradient_checkpointing = False  # recompute each block's activations in backward
+        self.virtual: nn.Module | None = None  # prompt tuning or P-tuning v2 encoder (lmzoo.peft.prefix)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -135,23 +136,48 @@ class Decoder(nn.Module):
         """The final-norm output [B, T, d_model], before the head."""
         c = self.config
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if start + T > c.context_limit:
+        x = self.tok_emb(input_ids)
+        fresh = cache is None or cache.length == 0
+        virtual = self.virtual
+        n_prompt = n_prefix = 0
+        prefix_kv = None
+        if virtual is not None and virtual.kind == "prompt" and fresh:
+            # Prompt tuning: learned embeddings enter in front of the text, as if they were tokens.
+            n_prompt = virtual.n_virtual
+            x, attention_mask, position_ids, prefix_len = virtual.prepend(x, attention_mask, position_ids, prefix_len)
+            T += n_prompt
+        elif virtual is not None and virtual.kind == "prefix":
+            # P-tuning v2: every layer's attention sees learned keys/values before the text.
+            n_prefix = virtual.n_virtual
+            if cache is None:
+                prefix_kv = virtual.key_values(B)
+            elif fresh:
+                cache.write_virtual(virtual.key_values(B))
+        start = cache.length - cache.n_virtual if cache is not None else 0  # text slots already cached
+        if n_prefix + start + T > c.context_limit:
+            what = f"{n_prefix} virtual tokens + " if n_prefix else ""
             raise LmzooError(
-                f"sequence of {start + T} tokens is longer than the context of {c.context_limit} "
+                f"sequence of {what}{start + T} tokens is longer than the context of {c.context_limit} "
                 f"(Config.max_seq_len); shorten the prompt or lower max_new_tokens")
-        if cache is not None and start + T > cache.max_len:
-            raise LmzooError(f"KV cache holds {cache.max_len} tokens; {start + T} requested")
+        if cache is not None and cache.length + T > cache.max_len:
+            raise LmzooError(f"KV cache holds {cache.max_len} tokens; {cache.length + T} requested")
 
-        key_valid = self._key_validity(attention_mask, cache, start, T)
+        key_valid = self._key_validity(attention_mask, cache, T)
         if prefix_len is None and c.lm_type == "prefix" and start == 0:
             prefix_len = self._default_prefix(key_valid, T)
+        shift = n_prefix if virtual is not None and virtual.kind == "prefix" and virtual.text_positions == "after" else 0
         if position_ids is None:
-            position_ids = self._default_positions(key_valid, start, T, B, input_ids.device)
+            position_ids = self._default_positions(key_valid, start, T, B, x.device)
+        else:
+            shift = 0  # the caller's positions are final
         if c.positions == "rope_2d" and position_ids.dim() == 2:
-            position_ids = self._with_block_positions(position_ids, prefix_len, cache, T)
+            position_ids = self._with_block_positions(position_ids, prefix_len, cache, start, T)
+        if shift:  # PEFT's convention: the text's positions start after the virtual tokens
+            if position_ids.dim() == 2:
+                position_ids = position_ids + shift
+            else:  # GLM: only the first stream is a position; the second counts within the span
+                position_ids = torch.stack([position_ids[0] + shift, position_ids[1]])
 
-        x = self.tok_emb(input_ids)
         rope = query_scale = None
         if c.positions == "learned":
             x = x + self.pos_emb(position_ids)
@@ -160,8 +186,8 @@ class Decoder(nn.Module):
         if c.logn_attention:
             query_scale = logn_scale(position_ids if position_ids.dim() == 2 else position_ids[0], c.max_seq_len)
 
-        dense, sparse = self._masks(start, T, key_valid, prefix_len, input_ids.device, B)
-        step = Step(rope=rope, query_scale=query_scale, dense=dense, sparse=sparse, cache=cache)
+        dense, sparse = self._masks(start, T, key_valid, prefix_len, x.device, B, n_prefix)
+        step = Step(rope=rope, query_scale=query_scale, dense=dense, sparse=sparse, cache=cache, prefix_kv=prefix_kv)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, step, i, use_reentrant=False)
@@ -169,7 +195,7 @@ class Decoder(nn.Module):
                 x = block(x, step, i)
         if cache is not None:
             cache.advance(T)
-        return self.final_norm(x)
+        return self.final_norm(x[:, n_prompt:])
 
     # ------------------------------------------------------------------ helpers
     def _rope_length(self, key_valid, cache, start, T):
@@ -186,12 +212,13 @@ class Decoder(nn.Module):
         return length
 
     @staticmethod
-    def _key_validity(attention_mask, cache, start, T):
-        """Which key slots hold real tokens: [B, start+T], or None when all of them do."""
+    def _key_validity(attention_mask, cache, T):
+        """Which text slots hold real tokens: [B, start+T], or None when all of them do
+        (P-tuning's virtual slots at the front of a cache are always valid, and not counted)."""
         if cache is not None:
             new = attention_mask.bool() if attention_mask is not None else True
-            cache.key_valid[:, start:start + T] = new
-            valid = cache.key_valid[:, :start + T]
+            cache.key_valid[:, cache.length:cache.length + T] = new
+            valid = cache.key_valid[:, cache.n_virtual:cache.length + T]
             return None if bool(valid.all()) else valid
         if attention_mask is None or bool(attention_mask.bool().all()):
             return None
@@ -210,24 +237,24 @@ class Decoder(nn.Module):
         real = key_valid[:, :T].sum(-1) if key_valid is not None else torch.tensor([T])
         return (real - int(self.config.span_start_token)).clamp(min=0)
 
-    def _with_block_positions(self, positions, prefix_len, cache, T):
+    def _with_block_positions(self, positions, prefix_len, cache, start, T):
         """GLM's 2-D positions: over the generated span the first stream stays at the last
         context token (the [gMASK] the span fills) and the second counts 1, 2, ...; over the
         context the second is 0. A cache remembers each row's prefix length for decoding."""
         B = positions.shape[0]
-        if cache is not None and cache.length > 0:
+        if cache is not None and start > 0:
             prefix = cache.prefix_len
         elif prefix_len is not None:
             prefix = torch.as_tensor(prefix_len, device=positions.device).expand(B)
         else:
             prefix = torch.full((B,), T, device=positions.device)
-        if cache is not None and cache.length == 0:
+        if cache is not None and start == 0:
             cache.prefix_len = prefix
         block = (positions - prefix[:, None] + 1).clamp(min=0)
         positions = torch.minimum(positions, (prefix[:, None] - 1).clamp(min=0))
         return torch.stack([positions, block])
 
-    def _masks(self, start, T, key_valid, prefix_len, device, B):
+    def _masks(self, start, T, key_valid, prefix_len, device, B, n_virtual=0):
         """(mask, is_causal) for dense layers and for sparse ones; masks are shared by all layers
         of a kind, and mask=None with is_causal says SDPA's own causal mask does the job."""
         c = self.config
@@ -244,13 +271,14 @@ class Decoder(nn.Module):
         def mask_for(pattern: str):
             window = c.sliding_window
             unmasked = window is None or start + T <= window
-            if pattern == "dense" and key_valid is None and prefix_end is None and unmasked:
+            if pattern == "dense" and key_valid is None and prefix_end is None and unmasked and not n_virtual:
                 if start == 0:
                     return None, T > 1
                 if T == 1:
                     return None, False  # one new query sees every cached key
             return build_mask(q_slots, start + T, window=window, pattern=pattern, block=c.sparse_block,
-                              summary=c.sparse_summary, prefix_end=prefix_end, key_valid=key_valid), False
+                              summary=c.sparse_summary, prefix_end=prefix_end, key_valid=key_valid,
+                              n_virtual=n_virtual), False
 
         dense = mask_for("dense") if not all(map(c.is_sparse_layer, range(c.n_layers))) else None
         sparse = mask_for(c.attention_pattern) if c.attention_pattern != "dense" else None
@@ -258,8 +286,11 @@ class Decoder(nn.Module):
 
     # ------------------------------------------------------------------ conveniences
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """A cache for `max_len` text tokens (plus any virtual tokens of an attached adapter)."""
         p = self.tok_emb.weight
-        return KVCache(self.config, batch, max_len or self.config.context_limit, dtype=p.dtype, device=p.device)
+        extra = self.virtual.n_virtual if self.virtual is not None else 0
+        return KVCache(self.config, batch, (max_len or self.config.context_limit) + extra, dtype=p.dtype,
+                       device=p.device)
 
     def generate(self, input_ids, max_new_tokens: int = 64, **kwargs):
         """Prompt + new tokens; see lmzoo.generate.generate for the options."""

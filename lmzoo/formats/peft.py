@@ -53,15 +53,18 @@ def read_adapter_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise LmzooError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from None
 
 
-def write_adapter(out_dir: str, config: dict, tensors: dict[str, torch.Tensor], base: dict | None = None) -> str:
-    """The two files, atomically; lmzoo's record of the base model goes in the safetensors
-    metadata, where peft does not look."""
+def write_adapter(out_dir: str, config: dict, tensors: dict[str, torch.Tensor], base: dict | None = None,
+                  extra: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
+    """The two files (and any `extra` safetensors files), atomically; lmzoo's record of the
+    base model goes in the safetensors metadata, where peft does not look."""
     from safetensors.torch import save_file
 
     meta = {"format": "pt", "lmzoo_base": json.dumps(base or {})}
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   os.path.join(tmp, "adapter_model.safetensors"), metadata=meta)
+        for name, more in (extra or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in more.items()}, os.path.join(tmp, name))
         with open(os.path.join(tmp, "adapter_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
     return os.path.abspath(out_dir)

@@ -1,6 +1,7 @@
-"""Parameter-efficient fine-tuning: LoRA (and, through the same files, adapters for it).
+"""Parameter-efficient fine-tuning: LoRA, P-tuning v2 and prompt tuning, in PEFT's files.
 
     add_lora(model, LoraConfig(r=8, targets=("q", "v")))   # wrap, freeze the rest
+    add_virtual(model, PrefixConfig(n_virtual=32))         # or P-tuning v2 (PromptConfig: prompt tuning)
     save_adapter(model, "out/adapter")                      # PEFT's file format
     load_adapter(model, "out/adapter")                      # recognises the adapter's kind
 """
@@ -13,9 +14,13 @@ from ..errors import LmzooError
 from ..formats import peft as files
 from .lora import (LoraConfig, LoRALinear, add_lora, lora_modules, merge_lora, strip_lora, trainable_report,
                    unmerge_lora)
+from .prefix import PrefixConfig, PrefixEncoder, PromptConfig, PromptEncoder, add_virtual
 
 __all__ = ["LoraConfig", "LoRALinear", "add_lora", "merge_lora", "unmerge_lora", "strip_lora", "lora_modules",
-           "trainable_report", "save_adapter", "load_adapter", "adapter_kind"]
+           "trainable_report", "save_adapter", "load_adapter", "adapter_kind", "PrefixConfig", "PromptConfig",
+           "PrefixEncoder", "PromptEncoder", "add_virtual"]
+
+ENCODER_FILE = "lmzoo_encoder.safetensors"  # the whole encoder (projection MLP included), for resuming
 
 UNSUPPORTED_LORA_OPTIONS = {"use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
                             "bias": "none"}
@@ -25,7 +30,32 @@ def save_adapter(model, out_dir: str, base_name: str | None = None) -> str:
     """Write the model's adapter (LoRA) in PEFT's format, atomically."""
     if getattr(model, "lora_config", None) is not None:
         return _save_lora(model, out_dir, base_name)
-    raise LmzooError("this model has no adapter to save (add one with add_lora first)")
+    if model.virtual is not None:
+        return _save_virtual(model, out_dir, base_name)
+    raise LmzooError("this model has no adapter to save (add one with add_lora or add_virtual first)")
+
+
+def _save_virtual(model, out_dir, base_name):
+    """PEFT's PREFIX_TUNING / PROMPT_TUNING / P_TUNING files, plus the whole encoder in
+    lmzoo_encoder.safetensors: PEFT keeps only the encoder's output, which cannot resume training."""
+    enc, c = model.virtual, model.config
+    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": enc.n_virtual, "num_transformer_submodules": 1,
+              "num_layers": c.n_layers, "inference_mode": True, "base_model_name_or_path": base_name}
+    if enc.kind == "prefix":
+        config = {"peft_type": "PREFIX_TUNING", "token_dim": c.kv_heads * c.head_size,
+                  "num_attention_heads": c.kv_heads, "prefix_projection": enc.cfg.projection,
+                  "encoder_hidden_size": enc.cfg.encoder_hidden or c.d_model, **common}
+    elif enc.cfg.reparam is None:
+        config = {"peft_type": "PROMPT_TUNING", "token_dim": c.d_model, "num_attention_heads": c.n_heads,
+                  "prompt_tuning_init": "RANDOM", **common}
+    else:
+        config = {"peft_type": "P_TUNING", "token_dim": c.d_model, "num_attention_heads": c.n_heads,
+                  "encoder_reparameterization_type": enc.cfg.reparam.upper(),
+                  "encoder_hidden_size": enc.cfg.encoder_hidden or c.d_model, **common}
+    base = {**files.base_signature(model), "encoder": {k: v for k, v in vars(enc.cfg).items()}}
+    out = files.write_adapter(out_dir, config, {"prompt_embeddings": enc.flat().detach()}, base,
+                              extra={ENCODER_FILE: {k: v.detach() for k, v in enc.state_dict().items()}})
+    return out
 
 
 def _save_lora(model, out_dir, base_name):
@@ -73,9 +103,47 @@ def load_adapter(model, path: str) -> str:
         _load_peft_lora(model, config, tensors, path)
     elif kind == files.SLICED:
         _load_sliced_lora(model, config, tensors, path)
+    elif kind in VIRTUAL_KINDS:
+        _load_virtual(model, config, tensors, recorded_base, path)
     else:
-        raise LmzooError(f"{path}: adapter type {kind!r} is not supported (supported: LORA, {files.SLICED})")
+        raise LmzooError(f"{path}: adapter type {kind!r} is not supported (supported: LORA, {files.SLICED}, "
+                         f"{', '.join(VIRTUAL_KINDS)})")
     return kind
+
+
+VIRTUAL_KINDS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+
+
+def _load_virtual(model, config, tensors, recorded_base, path):
+    """lmzoo's own files restore the whole encoder; a PEFT file gives only its output, which
+    becomes a plain embedding (text positions after the virtual tokens, PEFT's convention)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    P, c = int(config["num_virtual_tokens"]), model.config
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise LmzooError(f"{path}: num_transformer_submodules must be 1 for a decoder-only model")
+    saved = recorded_base.get("encoder")
+    full = os.path.join(path, ENCODER_FILE)
+    if config["peft_type"] == "PREFIX_TUNING":
+        expect = {"num_layers": c.n_layers, "num_attention_heads": c.kv_heads, "token_dim": c.kv_heads * c.head_size}
+        wrong = [f"{k}: adapter {config.get(k)} vs model {v}" for k, v in expect.items() if config.get(k) not in (v, None)]
+        if wrong:
+            raise LmzooError(f"{path}: this prefix adapter was made for another base model ({'; '.join(wrong)})")
+        cfg = PrefixConfig(**saved) if saved and os.path.isfile(full) else PrefixConfig(n_virtual=P)
+    else:
+        cfg = PromptConfig(**saved) if saved and os.path.isfile(full) else PromptConfig(n_virtual=P, init="random")
+    encoder = add_virtual(model, cfg)
+    if saved and os.path.isfile(full):
+        state = load_file(full)
+    else:
+        state = {"embedding.weight": tensors["prompt_embeddings"]}
+    own = encoder.state_dict()
+    for name, value in state.items():
+        if name not in own:
+            raise LmzooError(f"{path}: unexpected encoder tensor {name}")
+        _copy(own[name], value, name, path)
 
 
 def _lora_config(config: dict, targets, path: str) -> LoraConfig:

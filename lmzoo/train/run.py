@@ -11,7 +11,7 @@ from ..errors import LmzooError
 from .data import DataReport, Example, load_examples, pack, split
 from .loop import TrainConfig, Trainer
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "ptuning-v2", "prompt-tuning")
 
 
 @dataclass
@@ -30,20 +30,24 @@ class FinetuneResult:
         return 100 * self.trainable / self.total
 
 
-def prepare(model, method: str, *, lora=None) -> None:
+def prepare(model, method: str, *, lora=None, prefix=None, prompt=None) -> None:
     """Freeze the backbone and attach what `method` trains."""
+    from ..peft import LoraConfig, PrefixConfig, PromptConfig, add_lora, add_virtual
+
     if method == "full":
         for p in model.parameters():
             p.requires_grad = True
     elif method == "lora":
-        from ..peft import LoraConfig, add_lora
-
         add_lora(model, lora or LoraConfig())
+    elif method == "ptuning-v2":
+        add_virtual(model, prefix or PrefixConfig())
+    elif method == "prompt-tuning":
+        add_virtual(model, prompt or PromptConfig())
     else:
         raise LmzooError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
 
 
-def finetune(model, tokenizer, data: str, out_dir: str, *, method: str = "lora", lora=None,
+def finetune(model, tokenizer, data: str, out_dir: str, *, method: str = "lora", lora=None, prefix=None, prompt=None,
              train: TrainConfig | None = None, val_fraction: float = 0.0, skip_bad_lines: bool = False,
              too_long: str = "truncate", packing: bool = False, resume: bool = False, max_len: int | None = None,
              world=None, base_name: str | None = None, stop_after: int | None = None) -> FinetuneResult:
@@ -57,7 +61,7 @@ def finetune(model, tokenizer, data: str, out_dir: str, *, method: str = "lora",
         raise LmzooError(f"{data}: no training examples are left after the validation split")
     if packing:
         train_set = pack(train_set, max_len)
-    prepare(model, method, lora=lora)
+    prepare(model, method, lora=lora, prefix=prefix, prompt=prompt)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     trainer = Trainer(model, train_set, train, pad_id=pad_id, out_dir=out_dir, val=val_set, world=world)
     metrics = trainer.run(resume=resume, stop_after=stop_after)
