@@ -10,13 +10,20 @@ from hf_oracle import ids, save, tiny_hf_model
 from lmzoo.peft import (LoraConfig, add_lora, load_adapter, lora_modules, merge_lora, save_adapter, strip_lora,
                         unmerge_lora)
 
+# model_type, oracle overrides, PEFT target_modules, the same targets in lmzoo's names
 FAMILIES = {
-    "llama": ("llama", dict(num_key_value_heads=2), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "qwen2": ("qwen2", dict(num_key_value_heads=2), ["q_proj", "v_proj"]),
-    "mistral": ("mistral", dict(num_key_value_heads=1, sliding_window=8), ["q_proj", "v_proj", "down_proj"]),
+    "llama": ("llama", dict(num_key_value_heads=2), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"], ("q", "k", "v", "o", "gate", "up", "down")),
+    "qwen2": ("qwen2", dict(num_key_value_heads=2), ["q_proj", "v_proj"], ("q", "v")),
+    "mistral": ("mistral", dict(num_key_value_heads=1, sliding_window=8), ["q_proj", "v_proj", "down_proj"],
+                ("q", "v", "down")),
+    # GPT-2's Conv1D layers: PEFT sets fan_in_fan_out; c_proj names both attention and MLP outputs
+    "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64), ["c_attn", "c_proj", "c_fc"],
+             ("qkv", "o", "up", "down")),
+    # GLM: fused gate|up as one matrix
+    "glm": ("glm", dict(num_key_value_heads=2, head_dim=16, pad_token_id=0), ["q_proj", "v_proj", "gate_up_proj"],
+            ("q", "v", "gate_up")),
 }
-OURS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-        "down_proj": "down"}
 
 
 def randomise_b(model):
@@ -31,14 +38,14 @@ def randomise_b(model):
 def test_lmzoo_adapter_loads_in_peft_with_the_same_logits(family, tmp_path):
     import peft
 
-    model_type, overrides, targets = FAMILIES[family]
+    model_type, overrides, targets, our_targets = FAMILIES[family]
     oracle = tiny_hf_model(model_type, **overrides)
     base_dir = save(oracle, tmp_path / "base")
     x = ids(length=20)
     with torch.no_grad():
         plain = oracle(x).logits
     ours, _ = lmzoo.load(base_dir)
-    add_lora(ours, LoraConfig(r=4, alpha=8, targets=tuple(OURS[t] for t in targets)))
+    add_lora(ours, LoraConfig(r=4, alpha=8, targets=our_targets))
     randomise_b(ours)
     save_adapter(ours, tmp_path / "adapter", base_name=base_dir)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -55,13 +62,14 @@ def test_lmzoo_adapter_loads_in_peft_with_the_same_logits(family, tmp_path):
 def test_peft_adapter_loads_in_lmzoo_with_the_same_logits(family, tmp_path):
     import peft
 
-    model_type, overrides, targets = FAMILIES[family]
+    model_type, overrides, targets, _ = FAMILIES[family]
     oracle = tiny_hf_model(model_type, **overrides)
     base_dir = save(oracle, tmp_path / "base")
     plain = oracle(ids(length=20)).logits.detach()
     torch.manual_seed(3)
     peft_model = peft.get_peft_model(oracle, peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets,
-                                                             init_lora_weights=False)).eval()
+                                                             init_lora_weights=False,
+                                                             fan_in_fan_out=model_type == "gpt2")).eval()
     peft_model.save_pretrained(tmp_path / "adapter")
     ours, _ = lmzoo.load(base_dir, adapter=tmp_path / "adapter")
     x = ids(length=20)
