@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSONL: chat `messages`, `prompt`/`response`, or `text` per line")
     p.add_argument("--out", required=True, help="output directory (adapter/, metrics.jsonl, loss.png, checkpoint/)")
     p.add_argument("--method", default="lora", help="lora (default), ptuning-v2, prompt-tuning or full")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    # Long names that torchrun's own options cannot swallow by prefix (it would take "--r").
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--targets", default=None, help="comma-separated: q,k,v,o,gate,up,down,qkv,gate_up,experts "
                    "(default: q,v, or qkv where q|k|v are fused)")
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after N more steps, with a checkpoint (continue later with --resume)")
+    p.add_argument("--strategy", default=None, choices=["ddp", "fsdp"],
+                   help="data-parallel training under torchrun (DistributedDataParallel or FSDP2)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_finetune)
 
@@ -207,18 +212,9 @@ def cmd_chat(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .checkpoint import from_config
-    from .families import PRESETS
-    from .report import describe
+    from .report import info
 
-    if args.source.lower() in PRESETS:  # presets can be huge: count them on the meta device
-        from .families import preset
-
-        config = preset(args.source)
-        print(describe(config, from_config(config, device="meta"), source=f"preset {args.source}"))
-        return
-    model, _ = _load(args)
-    print(describe(model.config, model, source=args.source))
+    print(info(args.source))  # config.json / GGUF header only, counted on the meta device
 
 
 def cmd_convert(args) -> None:
@@ -234,10 +230,15 @@ def cmd_finetune(args) -> None:
     from .peft import LoraConfig, PrefixConfig, PromptConfig
     from .train import TrainConfig, finetune
 
+    world = None
+    if args.strategy:
+        from .train.distributed import World
+
+        world = World(args.strategy)
     model, tokenizer = load(args.source, dtype=args.dtype, device=args.device)
     tokenizer = _need_tokenizer(tokenizer, args.source)
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else None
-    lora = LoraConfig(r=args.r, alpha=args.alpha, dropout=args.lora_dropout, targets=targets, rslora=args.rslora)
+    lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets, rslora=args.rslora)
     prefix = PrefixConfig(n_virtual=args.num_virtual_tokens, projection=args.prefix_projection,
                           encoder_hidden=args.encoder_hidden, dropout=args.prefix_dropout,
                           text_positions=args.text_positions)
@@ -251,8 +252,12 @@ def cmd_finetune(args) -> None:
     result = finetune(model, tokenizer, args.data, args.out, method=args.method, lora=lora, prefix=prefix,
                       prompt=prompt, train=train,
                       val_fraction=args.val_fraction, skip_bad_lines=args.skip_bad_lines, too_long=args.too_long,
-                      packing=args.pack, resume=args.resume, max_len=args.max_len,
-                      base_name=args.source or "SmolLM2-135M-Instruct")
+                      packing=args.pack, resume=args.resume, max_len=args.max_len, world=world,
+                      stop_after=args.stop_after, base_name=args.source or "SmolLM2-135M-Instruct")
+    if world is not None:
+        world.close()
+        if world.rank != 0:
+            return
     print(f"data: {result.data}")
     print(f"trainable parameters: {result.trainable:,} of {result.total:,} ({result.trainable_percent:.3f}%)")
     print(f"final loss {result.metrics[-1]['loss']:.4f} after {result.metrics[-1]['step']} steps")

@@ -17,7 +17,7 @@ import torch
 
 from .config import Config, field_names
 from .errors import LmzooError
-from .families import PRESETS, preset
+from .families import CLASSIC, PRESETS, preset
 from .masks import build_mask
 
 FORMATS = ("text", "markdown", "json")
@@ -26,6 +26,8 @@ FORMATS = ("text", "markdown", "json")
 FLOPS_CONTEXT = 2048
 
 ROPE_FIELDS = tuple(f for f in field_names() if f.startswith("rope_"))
+# Fields that set a model's size rather than its architecture.
+SIZE_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "head_dim", "d_ff", "max_seq_len")
 LLAMA3_FIELDS = ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len")
 
 
@@ -92,20 +94,45 @@ def inert_fields(c: Config) -> set[str]:
     return inert
 
 
+def _same_key(value):
+    """Floats compared to 6 significant digits: GGUF stores norm_eps as float32 (1e-5 reads back
+    as 9.9999997e-06), which is the same model, not a difference."""
+    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+
 def differing_fields(configs: list[Config]) -> list[str]:
     """Fields, in Config order, whose values are not all equal and that matter in at least one config."""
     vals = [values(c) for c in configs]
     inert = [inert_fields(c) for c in configs]
     return [f for f in vals[0]
-            if len({repr(v[f]) for v in vals}) > 1 and not all(f in i for i in inert)]
+            if len({_same_key(v[f]) for v in vals}) > 1 and not all(f in i for i in inert)]
+
+
+def format_value(value) -> str:
+    """A field value for a table: '-' for None, floats to 7 digits (float32 noise hidden)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value != int(value):
+        return f"{value:.7g}"
+    return str(value)
+
+
+def classic_of_size(c: Config) -> Config:
+    """The classic decoder with `c`'s sizes: what `c` is compared with when sizes are set aside
+    (so 32 query heads with 32 kv heads is MHA, no difference, while 8 kv heads is GQA)."""
+    return CLASSIC.replace(**{f: getattr(c, f) for f in SIZE_FIELDS})
+
+
+def architecture_fields(c: Config) -> list[str]:
+    """The fields in which `c` differs from the classic decoder, sizes aside."""
+    return differing_fields([classic_of_size(c), c])
 
 
 def shown_value(c: Config, name: str) -> str:
     """A field's value for a table: 'n/a' where it changes nothing, '-' for None."""
     if name in inert_fields(c):
         return "n/a"
-    value = values(c)[name]
-    return "-" if value is None else str(value)
+    return format_value(values(c)[name])
 
 
 # ----------------------------------------------------------------------------- derived numbers
@@ -188,15 +215,16 @@ def derived(c: Config, context: int = FLOPS_CONTEXT) -> Derived:
 
 
 # ----------------------------------------------------------------------------- number formats
-def human(n: float, units=(("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))) -> str:
+PARAM_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
+FLOP_UNITS = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
+
+
+def human(n: float, units=PARAM_UNITS) -> str:
     """1234567 -> '1.23M' (parameters); FLOPs pass their own units (G, not B)."""
     for unit, size in units:
         if n >= size:
             return f"{n / size:.3g}{unit}"
     return str(int(n))
-
-
-FLOP_UNITS = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
 
 
 def human_bytes(n: int) -> str:
@@ -256,8 +284,8 @@ def diff_report(sources: list[str], fmt: str = "text", context: int = FLOPS_CONT
     if fmt == "json":
         return json.dumps({
             "models": [{"source": os.fspath(s), "family": c.family} for s, c in zip(sources, configs)],
-            "fields": [{"name": f, "doc": Config.explain(f), "values": [shown_value(c, f) for c in configs]}
-                       for f in fields],
+            "fields": [{"name": f, "doc": Config.explain(f), "values": [values(c)[f] for c in configs],
+                        "applies": [f not in inert_fields(c) for c in configs]} for f in fields],
             "derived": [asdict(d) for d in ds],
         }, indent=2)
     header = ["field", *labels, "meaning"]
