@@ -63,6 +63,8 @@ class Trainer:
             raise LmzooError(f"--batch-size {cfg.batch_size} is smaller than grad_accum x processes")
         per_epoch = math.ceil(len(train) / cfg.batch_size)
         self.total_steps = cfg.steps or max(1, math.ceil(per_epoch * cfg.epochs))
+        # Under torchrun the model is replicated (DDP) or sharded (FSDP) before the optimizer sees it.
+        self.loss_module = world.wrap(model) if world else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise LmzooError("nothing to train: every parameter is frozen")
@@ -119,12 +121,18 @@ class Trainer:
         labelled_all = max(1.0, float(stats[0]))
         total = torch.zeros(())
         device = self.params[0].device
+        # Data-parallel wrappers average gradients over processes; the loss is already normalised
+        # by the whole global batch, so scale it back up by the number of processes.
+        processes = self.world.size if self.world else 1
         for b in micro:
+            ids, labels, mask = b["input_ids"].to(device), b["labels"].to(device), b["attention_mask"].to(device)
             with self._autocast():
-                loss = self.model.loss(b["input_ids"].to(device), b["labels"].to(device),
-                                       attention_mask=b["attention_mask"].to(device), reduction="sum")
+                if self.loss_module is not None:
+                    loss = self.loss_module(ids, labels, mask)
+                else:
+                    loss = self.model.loss(ids, labels, attention_mask=mask, reduction="sum")
                 aux = self.model.moe_aux_loss()
-            scaled = loss / labelled_all
+            scaled = loss * processes / labelled_all
             if aux is not None:
                 scaled = scaled + 0.01 * aux / len(micro)
             scaled.backward()
@@ -160,9 +168,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> list[dict]:
-        """Train to the end (or stop after `stop_after` steps, for tests); returns the metrics."""
+        """Train to the end, or stop after `stop_after` more steps with a checkpoint; returns the metrics."""
         if resume:
             self.load_checkpoint()
+        elif self._is_writer() and os.path.exists(os.path.join(self.out_dir, "metrics.jsonl")):
+            os.remove(os.path.join(self.out_dir, "metrics.jsonl"))  # a fresh run starts a fresh record
         self.model.gradient_checkpointing = self.cfg.grad_checkpointing
         bar = self._progress_bar()
         started, tokens_seen = time.perf_counter(), 0
@@ -183,7 +193,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / max(1e-9, elapsed):.0f}")
             if self.out_dir and ((self.cfg.save_every and self.step % self.cfg.save_every == 0)
-                                 or self.step == self.total_steps):
+                                 or self.step == last):
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
@@ -218,6 +228,8 @@ class Trainer:
         state = self.trainable_state()
         optimizer = self.world.optimizer_state(self.model, self.optimizer) if self.world else self.optimizer.state_dict()
         if not self._is_writer():
+            if self.world:
+                self.world.barrier()
             return
         with atomic_dir(os.path.join(self.out_dir, CHECKPOINT)) as tmp:
             save_file({k: v.cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, "trainable.safetensors"))
@@ -227,6 +239,8 @@ class Trainer:
             with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
                 json.dump({"step": self.step, "total_steps": self.total_steps, "config": asdict(self.cfg),
                            "metrics": self.metrics}, f)
+        if self.world:
+            self.world.barrier()
 
     def load_checkpoint(self) -> None:
         from safetensors.torch import load_file

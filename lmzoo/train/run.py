@@ -65,6 +65,9 @@ def finetune(model, tokenizer, data: str, out_dir: str, *, method: str = "lora",
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     trainer = Trainer(model, train_set, train, pad_id=pad_id, out_dir=out_dir, val=val_set, world=world)
     metrics = trainer.run(resume=resume, stop_after=stop_after)
+    if world is not None:  # every process helps gather the weights; the first one writes them
+        full = world.full_model_state(model)
+        model = rebuild(model.config, full, method, lora=lora, prefix=prefix, prompt=prompt) if world.rank == 0 else model
     saved = save_result(model, tokenizer, method, out_dir, base_name, world)
     png = None
     if world is None or world.rank == 0:
@@ -74,6 +77,16 @@ def finetune(model, tokenizer, data: str, out_dir: str, *, method: str = "lora",
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return FinetuneResult(out_dir, saved, metrics, report, trainable, total, val_set, png)
+
+
+def rebuild(config, state, method, **adapters):
+    """A plain (unsharded) model holding `state`, with the same adapter attached."""
+    from ..checkpoint import from_config
+
+    model = from_config(config)
+    prepare(model, method, **adapters)
+    model.load_state_dict(state)
+    return model
 
 
 def save_result(model, tokenizer, method: str, out_dir: str, base_name, world=None) -> str:
