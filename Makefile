@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lmzoo generate "What is the capital of France?"
+	$(BIN)/lmzoo demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.set_defaults(run=cmd_merge)
 
+    p = sub.add_parser("demo", help="the main job: LoRA teaches the embedded model a task it fails")
+    p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
+    p.add_argument("--steps", type=int, default=40, help="LoRA steps of 8 examples (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=lambda args: __import__("lmzoo.demo", fromlist=["run"]).run(args.out, steps=args.steps,
+                                                                                   seed=args.seed))
+
     p = sub.add_parser("masks", help="draw attention patterns: causal vs prefix LM, sliding window, sparse")
     p.add_argument("--kind", default="all", help="causal, prefix, sliding, strided, fixed or all (default)")
     p.add_argument("--seq", type=int, default=16, help="sequence length (default 16)")

@@ -184,3 +184,16 @@ def test_bad_input(tmp_path):
     other = lmzoo.from_config(VARIANTS["llama-gqa"].replace(n_layers=3))
     with pytest.raises(lmzoo.LmzooError, match="another base model.*n_layers: adapter 2 vs model 3"):
         load_adapter(other, tmp_path / "a")
+
+
+def test_a_prefix_made_from_tokens_reads_like_those_tokens_before_the_text():
+    from lmzoo.peft.prefix import _init_from_tokens
+
+    torch.manual_seed(0)
+    model = lmzoo.from_config(VARIANTS["llama-gqa"]).eval()
+    words, text = torch.randint(0, 61, (1, 5)), torch.randint(0, 61, (1, 9))
+    with torch.no_grad():
+        expected = model(torch.cat([words, text], 1))[:, 5:]
+        encoder = add_virtual(model, PrefixConfig(n_virtual=5, init="random"))
+        _init_from_tokens(model, encoder, words)
+        torch.testing.assert_close(model(text), expected, atol=1e-5, rtol=0)

@@ -29,6 +29,10 @@ class PrefixConfig:
     # Where the text's positions start: "after" the virtual tokens (PEFT's convention, the
     # default) or at "zero" (ChatGLM's P-tuning v2 code).
     text_positions: str = "after"
+    # "tokens": start from the keys/values the model itself makes for P random tokens, so the
+    # untrained prefix reads like real text (Li & Liang's advice); "random": N(0, 1) as PEFT.
+    # The projection MLP always starts random.
+    init: str = "tokens"
 
 
 @dataclass
@@ -133,8 +137,26 @@ def add_virtual(model, cfg: PrefixConfig | PromptConfig) -> nn.Module:
     if getattr(model, "lora_config", None) is not None or model.virtual is not None:
         raise LmzooError("this model already has an adapter; attach one kind at a time")
     encoder = PrefixEncoder(model, cfg) if isinstance(cfg, PrefixConfig) else PromptEncoder(model, cfg)
+    if isinstance(cfg, PrefixConfig) and cfg.init == "tokens" and not cfg.projection:
+        _init_from_tokens(model, encoder)
     p = model.tok_emb.weight
     for param in model.parameters():
         param.requires_grad = False
     model.virtual = encoder.to(device=p.device)
     return encoder
+
+
+@torch.no_grad()
+def _init_from_tokens(model, encoder: PrefixEncoder, ids: torch.Tensor | None = None) -> None:
+    """Fill the prefix with the cached keys/values of P tokens (random by default) at
+    positions 0..P-1: the model then reads the text as if those tokens came before it."""
+    P = encoder.n_virtual
+    if ids is None:
+        ids = torch.randint(0, model.config.vocab_size, (1, P), device=model.tok_emb.weight.device)
+    attached, model.virtual = model.virtual, None  # the plain model reads the tokens
+    cache = model.new_cache(1, P)
+    model(ids, cache=cache)
+    model.virtual = attached
+    kv = torch.stack([t[0, :, :P] for layer in range(model.config.n_layers)
+                      for t in (cache.k[layer], cache.v[layer])])  # [2L, n_kv, P, head_dim]
+    encoder.embedding.weight.copy_(kv.permute(2, 0, 1, 3).reshape(P, -1).float())
