@@ -113,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda args: __import__("lmzoo.demo", fromlist=["run"]).run(args.out, steps=args.steps,
                                                                                    seed=args.seed))
 
+    p = sub.add_parser("compare-peft", help="LoRA vs P-tuning v2 vs prompt tuning, same data and budget, measured")
+    p.add_argument("--data", default=None, help="JSONL to train on (default: the embedded date task)")
+    p.add_argument("--budget", "--steps", dest="steps", type=int, default=40, help="steps per method (default 40)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--with-full", action="store_true", help="add full fine-tuning")
+    p.add_argument("--model", default=None, help="model to fine-tune (default: the embedded SmolLM2)")
+    p.add_argument("--out", default="out/compare-peft")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=lambda args: __import__("lmzoo.compare_peft", fromlist=["run"]).run(
+        args.out, data=args.data, steps=args.steps, batch_size=args.batch_size, with_full=args.with_full,
+        seed=args.seed, model=args.model))
+
     p = sub.add_parser("masks", help="draw attention patterns: causal vs prefix LM, sliding window, sparse")
     p.add_argument("--kind", default="all", help="causal, prefix, sliding, strided, fixed or all (default)")
     p.add_argument("--seq", type=int, default=16, help="sequence length (default 16)")

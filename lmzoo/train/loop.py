@@ -183,8 +183,9 @@ class Trainer:
             self.step += 1
             tokens_seen += tokens
             elapsed = time.perf_counter() - started
-            row = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens / max(1e-9, time.perf_counter() - t0)}
+            seconds = time.perf_counter() - t0
+            row = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": tokens,
+                   "seconds": seconds, "tokens_per_s": tokens / max(1e-9, seconds)}
             if self.cfg.eval_every and self.val_set and (self.step % self.cfg.eval_every == 0 or self.step == last):
                 row.update(self.evaluate())
             self.metrics.append(row)

@@ -24,6 +24,11 @@ class FinetuneResult:
     total: int
     val: list[Example] = field(default_factory=list)
     loss_png: str | None = None
+    val_loss: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(m["tokens"] for m in self.metrics) / max(1e-9, sum(m["seconds"] for m in self.metrics))
 
     @property
     def trainable_percent(self) -> float:
@@ -50,13 +55,16 @@ def prepare(model, method: str, *, lora=None, prefix=None, prompt=None) -> None:
 def finetune(model, tokenizer, data: str, out_dir: str, *, method: str = "lora", lora=None, prefix=None, prompt=None,
              train: TrainConfig | None = None, val_fraction: float = 0.0, skip_bad_lines: bool = False,
              too_long: str = "truncate", packing: bool = False, resume: bool = False, max_len: int | None = None,
-             world=None, base_name: str | None = None, stop_after: int | None = None) -> FinetuneResult:
+             world=None, base_name: str | None = None, stop_after: int | None = None,
+             val_data: str | None = None) -> FinetuneResult:
     train = train or TrainConfig()
     report = DataReport()
     max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
     examples = load_examples(data, tokenizer, max_len, skip_bad_lines=skip_bad_lines, too_long=too_long,
                              report=report)
     train_set, val_set = split(examples, val_fraction, train.seed) if val_fraction else (examples, [])
+    if val_data:  # a held-out file instead of a split
+        val_set = load_examples(val_data, tokenizer, max_len, skip_bad_lines=skip_bad_lines, too_long=too_long)
     if not train_set:
         raise LmzooError(f"{data}: no training examples are left after the validation split")
     if packing:
@@ -65,6 +73,7 @@ def finetune(model, tokenizer, data: str, out_dir: str, *, method: str = "lora",
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     trainer = Trainer(model, train_set, train, pad_id=pad_id, out_dir=out_dir, val=val_set, world=world)
     metrics = trainer.run(resume=resume, stop_after=stop_after)
+    val_loss = trainer.evaluate()["val_loss"] if val_set else None
     if world is not None:  # every process helps gather the weights; the first one writes them
         full = world.full_model_state(model)
         model = rebuild(model.config, full, method, lora=lora, prefix=prefix, prompt=prompt) if world.rank == 0 else model
@@ -76,7 +85,7 @@ def finetune(model, tokenizer, data: str, out_dir: str, *, method: str = "lora",
         png = plot_loss(metrics, os.path.join(out_dir, "loss.png"), title=f"{method} fine-tuning")
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return FinetuneResult(out_dir, saved, metrics, report, trainable, total, val_set, png)
+    return FinetuneResult(out_dir, saved, metrics, report, trainable, total, val_set, png, val_loss)
 
 
 def rebuild(config, state, method, **adapters):
