@@ -203,3 +203,24 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     save_file(load_file(f), f)  # a PEFT-made adapter has no signature: the shapes still decide
     with pytest.raises(lmzoo.LmzooError, match="another base model"):
         load_adapter(tiny(d_model=96, n_heads=6), tmp_path / "a")
+
+
+def test_merge_cli_writes_a_standalone_directory(tmp_path):
+    import subprocess
+    import sys
+
+    import transformers
+
+    oracle = tiny_hf_model("qwen2", num_key_value_heads=2)
+    base = save(oracle, tmp_path / "base")
+    ours, _ = lmzoo.load(base)
+    add_lora(ours, LoraConfig(r=4, targets=("q", "v", "up")))
+    randomise_b(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    r = subprocess.run([sys.executable, "-m", "lmzoo", "merge", base, str(tmp_path / "adapter"), str(tmp_path / "m")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    x = ids(length=12)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, ours(x), atol=1e-5, rtol=0)

@@ -54,3 +54,13 @@ def test_round_trip_through_transformers(case, tmp_path):
         torch.testing.assert_close(ours(x), oracle(x).logits, atol=1e-5, rtol=0)
     again, _ = lmzoo.load(tmp_path / "b")
     assert again.config == ours.config
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    oracle = tiny_hf_model("llama", num_key_value_heads=2)
+    oracle.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ours, _ = lmzoo.load(tmp_path / "sharded")
+    x = ids(length=12)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), oracle(x).logits, atol=1e-5, rtol=0)

@@ -91,3 +91,12 @@ def test_cli_generate_answers(tmp_path):
                         "--max-new-tokens", "20"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_cli_chat_is_multi_turn_and_streams():
+    r = subprocess.run([sys.executable, "-m", "lmzoo", "chat", "--max-new-tokens", "24"],
+                       input="What is the capital of France?\nAnd of Italy?\n/exit\n", capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    replies = [line for line in r.stdout.splitlines() if "assistant>" in line]
+    assert len(replies) == 2 and "Paris" in replies[0] and "Rome" in replies[1]
