@@ -9,7 +9,7 @@ which `lmzoo info` prints next to each difference.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import LmzooError

@@ -11,20 +11,12 @@ import time
 import torch
 from safetensors.torch import load_file
 
-import lmzoo
-from lmzoo.formats.gguf_file import read_gguf
-from lmzoo.tasks.dates import make
-from lmzoo.tokenizer import Tokenizer
+from tiny import date_data, tiny_dir
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
-    tok = Tokenizer.from_gguf_metadata(read_gguf(lmzoo.default_model_path(), load_tensors=False).metadata, "smollm2")
-    torch.manual_seed(0)
-    cfg = lmzoo.preset("smollm2-135m").replace(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96,
-                                               max_seq_len=128, init_std=0.3)
-    lmzoo.save_hf_dir(lmzoo.from_config(cfg), tmp_path / "model", tok)
-    train, _ = make(n_train=32, n_test=1, seed=4)
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    tiny_dir(tmp_path / "model", d_model=64, d_ff=96)
+    date_data(tmp_path / "data.jsonl", 32, seed=4)
 
     def command(out, *extra):
         return [sys.executable, "-m", "lmzoo", "finetune", "--model", str(tmp_path / "model"), "--data",

@@ -9,23 +9,14 @@ import sys
 import pytest
 import torch
 
-import lmzoo
-from lmzoo.formats.gguf_file import read_gguf
-from lmzoo.tokenizer import Tokenizer
-from lmzoo.tasks.dates import make
+from tiny import date_data, tiny_dir
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    tok = Tokenizer.from_gguf_metadata(read_gguf(lmzoo.default_model_path(), load_tensors=False).metadata, "smollm2")
-    torch.manual_seed(0)
-    cfg = lmzoo.preset("smollm2-135m").replace(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48,
-                                               max_seq_len=128, init_std=0.3)
-    lmzoo.save_hf_dir(lmzoo.from_config(cfg), root / "model", tok)
-    train, _ = make(n_train=24, n_test=1, seed=3)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in train))
+    tiny_dir(root / "model")
+    date_data(root / "data.jsonl", 24, seed=3)
     return root
 
 

@@ -2,12 +2,8 @@
 
 import json
 
-import torch
-
-import lmzoo
-from lmzoo.formats.gguf_file import read_gguf
 from lmzoo.tasks import dates
-from lmzoo.tokenizer import Tokenizer
+from tiny import date_data, tiny_dir
 
 
 def test_the_date_task_is_deterministic_disjoint_and_exact():
@@ -26,13 +22,8 @@ def test_the_date_task_is_deterministic_disjoint_and_exact():
 def test_compare_peft_measures_every_method(tmp_path, capsys):
     from lmzoo.compare_peft import run
 
-    tok = Tokenizer.from_gguf_metadata(read_gguf(lmzoo.default_model_path(), load_tensors=False).metadata, "smollm2")
-    torch.manual_seed(0)
-    cfg = lmzoo.preset("smollm2-135m").replace(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48,
-                                               max_seq_len=128, init_std=0.3)
-    lmzoo.save_hf_dir(lmzoo.from_config(cfg), tmp_path / "model", tok)
-    train, _ = dates.make(n_train=16, n_test=1, seed=2)
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    tiny_dir(tmp_path / "model")
+    date_data(tmp_path / "d.jsonl", 16, seed=2)
     rows = run(str(tmp_path / "out"), data=str(tmp_path / "d.jsonl"), steps=2, batch_size=4, with_full=True,
                model=str(tmp_path / "model"))
     assert [r["method"] for r in rows] == ["lora", "ptuning-v2", "prompt-tuning", "full"]

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import lmzoo
-from lmzoo.formats.gguf_file import read_gguf
 from lmzoo.peft import LoraConfig
-from lmzoo.tokenizer import Tokenizer
+from tiny import smollm_tokenizer, tiny_model
 from lmzoo.train import TrainConfig, finetune
 from lmzoo.train.data import IGNORE, encode_record, load_examples, read_jsonl
 
@@ -26,14 +25,7 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_gguf_metadata(read_gguf(lmzoo.default_model_path(), load_tensors=False).metadata, "smollm2")
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    cfg = lmzoo.preset("smollm2-135m").replace(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48,
-                                               max_seq_len=256, init_std=0.3)
-    return lmzoo.from_config(cfg)
+    return smollm_tokenizer()
 
 
 def write(path, records):

@@ -78,15 +78,20 @@ def write_rope(c: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------- files
-def read_config_json(path: str) -> dict:
-    file = os.path.join(path, "config.json")
+def read_json_in(path: str, name: str, kind: str) -> dict:
+    """`name` inside the directory `path`, parsed; errors say which file and what is wrong."""
+    file = os.path.join(path, name)
     if not os.path.isfile(file):
-        raise LmzooError(f"{path}: not a Hugging Face model directory (no config.json in it)")
+        raise LmzooError(f"{path}: not {kind} (no {name} in it)")
     try:
         with open(file, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise LmzooError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def read_config_json(path: str) -> dict:
+    return read_json_in(path, "config.json", "a Hugging Face model directory")
 
 
 def safetensor_files(path: str) -> list[str]:

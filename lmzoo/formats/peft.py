@@ -19,7 +19,8 @@ import torch
 
 from ..atomic import atomic_dir
 from ..errors import LmzooError
-from .names import transpose
+from .hf import read_json_in
+from .names import transpose  # noqa: F401  (the adapters ask whether a transform is this one)
 from .registry import format_that_expresses
 
 PREFIX = "base_model.model."
@@ -27,14 +28,7 @@ SLICED = "LMZOO_SLICED_LORA"
 
 
 def read_adapter_config(path: str) -> dict:
-    file = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(file):
-        raise LmzooError(f"{path}: not an adapter directory (no adapter_config.json in it)")
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise LmzooError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return read_json_in(path, "adapter_config.json", "an adapter directory")
 
 
 def read_adapter_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -56,20 +56,19 @@ def example(rng: random.Random) -> dict:
 def make(n_train: int = 2000, n_test: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Disjoint train and held-out examples (no held-out sentence appears in training)."""
     rng = random.Random(seed)
-    seen, train, test = set(), [], []
-    while len(test) < n_test:
-        ex = example(rng)
-        key = ex["messages"][0]["content"]
-        if key not in seen:
-            seen.add(key)
-            test.append(ex)
-    while len(train) < n_train:
-        ex = example(rng)
-        key = ex["messages"][0]["content"]
-        if key not in seen:
-            seen.add(key)
-            train.append(ex)
-    return train, test
+    seen: set[str] = set()
+
+    def fresh(n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            ex = example(rng)
+            if ex["messages"][0]["content"] not in seen:
+                seen.add(ex["messages"][0]["content"])
+                out.append(ex)
+        return out
+
+    test = fresh(n_test)  # drawn first, so the held-out set does not depend on n_train
+    return fresh(n_train), test
 
 
 def write(out_dir: str, n_train: int = 2000, n_test: int = 100, seed: int = 0) -> tuple[str, str]:
