@@ -113,3 +113,43 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok, tmp_path, monkey
         run(tok, tmp_path, "nan", 6, save_every=1)
     state = json.loads((tmp_path / "nan" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2 and all(math.isfinite(m["loss"]) for m in state["metrics"])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from lmzoo.peft import add_lora
+
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        add_lora(model, LoraConfig(r=2, targets=("q", "v"), init="gaussian"))
+        model.train()
+        model.gradient_checkpointing = checkpointing
+        model.loss(torch.arange(24).view(2, 12)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_tracks_the_fp32_loss_curve(tok, tmp_path):
+    _, fp32 = run(tok, tmp_path, "fp32", 8, lr=2e-2)
+    model = tiny_model()
+    bf16 = finetune(model, tok, str(tmp_path / "d.jsonl"), str(tmp_path / "bf16"),
+                    lora=LoraConfig(r=4, alpha=8, targets=("q", "k", "v", "o", "gate", "up", "down"), dropout=0.1),
+                    train=TrainConfig(steps=8, lr=2e-2, batch_size=4, grad_accum=2, seed=1, progress=False,
+                                      warmup_steps=2, bf16=True))
+    for a, b in zip(fp32.metrics, bf16.metrics):
+        assert abs(a["loss"] - b["loss"]) < 0.05 * a["loss"]
+    assert bf16.metrics[-1]["loss"] < 0.8 * bf16.metrics[0]["loss"]
+
+
+def test_packing_fills_rows_and_never_predicts_across_examples(tok):
+    from lmzoo.train.data import pack
+
+    examples = [encode_record(r, tok) for r in RECORDS]
+    rows = pack(examples, 200)
+    assert sum(len(r.ids) for r in rows) == sum(len(e.ids) for e in examples)
+    assert all(len(r.ids) <= 200 for r in rows) and len(rows) < len(examples)
+    first, n = rows[0], len(examples[0].ids)
+    assert first.ids[:n] == examples[0].ids and first.ids[n:n + len(examples[1].ids)] == examples[1].ids
+    assert first.labels[n] == IGNORE  # the next example's first token is not a target of this one
