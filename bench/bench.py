@@ -98,10 +98,146 @@ def decode(engine, args):
     return args.new_tokens / s
 
 
-ROWS = {"prefill": prefill, "prefill_last": prefill_last, "decode": decode}
+def _decode_variant(mode):
+    """lmzoo decoding in a cheaper weight format vs transformers decoding in fp32 (the issue's yardstick)."""
+    def row(engine, args):
+        if engine.name == "transformers":
+            return decode(engine, args)
+        t = time.perf_counter()
+        new = variant(engine, mode).generate(args.decode_ids, args.new_tokens)[:, args.decode_ids.shape[1]:]
+        assert new.shape[1] == args.new_tokens
+        return args.new_tokens / (time.perf_counter() - t)
+    row.__doc__ = f"decode as above, lmzoo with {mode} weights, transformers in fp32"
+    return row
+
+
+def variant(engine, mode):
+    """The lmzoo model in bf16 or quantized (made once, kept)."""
+    import copy
+    from lmzoo.quant import quantize
+    cache = engine.__dict__.setdefault("variants", {})
+    if mode not in cache:
+        m = copy.deepcopy(engine.model)
+        cache[mode] = m.to(torch.bfloat16) if mode == "bf16" else quantize(m, mode)
+    return cache[mode]
+
+
+def decode_batch(engine, args):
+    """8 prompts of different lengths (left-padded), 32 greedy new tokens each (8 with --quick); new tokens / s."""
+    n = args.new_tokens // 4
+    prompts = [args.decode_ids[0, :k].tolist() for k in (37, 30, 25, 20, 16, 12, 8, 5)]
+    t = time.perf_counter()
+    if engine.name == "lmzoo":
+        engine.model.generate(prompts, n)
+    else:
+        tok = args.tok_pad
+        width = max(map(len, prompts))
+        ids = torch.tensor([[tok] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        engine.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return 8 * n / (time.perf_counter() - t)
+
+
+def _peak_rss_during(fn):
+    """(result, peak RSS in bytes above the starting RSS) while fn runs, sampled every 2 ms."""
+    import threading
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+    base, peak, stop = rss(), [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+    th = threading.Thread(target=watch)
+    th.start()
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        th.join()
+    return out, max(peak[0], rss()) - base
+
+
+def _train_row(kind):
+    def row(engine, args):
+        model = trainable(engine, kind)
+        ids = args.train_ids
+
+        def step():
+            with torch.enable_grad(), torch.inference_mode(False):
+                if engine.name == "lmzoo":
+                    loss = model.loss(ids)
+                else:
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+            for p in model.parameters():
+                p.grad = None
+        t = time.perf_counter()
+        _, peak = _peak_rss_during(step)
+        rate = ids.numel() / (time.perf_counter() - t)
+        args.peak_mem.setdefault(kind, {}).setdefault(engine.name, []).append(peak)
+        return rate
+    row.__doc__ = (f"one training step (forward + backward, fp32) on 4x256 tokens, {kind}; tokens/s, "
+                   "and the peak memory the step adds (RSS, in results.json)")
+    return row
+
+
+def trainable(engine, kind):
+    """A copy of the engine's model set up for `kind` training (made once, kept)."""
+    import copy
+    cache = engine.__dict__.setdefault("trainables", {})
+    if kind in cache:
+        return cache[kind]
+    with torch.inference_mode(False):
+        if engine.name == "lmzoo":
+            m = lmzoo.load()[0]
+            if kind == "lora":
+                from lmzoo.peft import LoraConfig, add_lora
+                add_lora(m, LoraConfig(r=8, alpha=16, targets=("q", "k", "v", "o", "gate", "up", "down")))
+        else:
+            from transformers import AutoModelForCausalLM
+            m = AutoModelForCausalLM.from_pretrained(engine.hf_dir, dtype=torch.float32)
+            if kind == "lora":
+                import peft
+                m = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, target_modules=[
+                    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    cache[kind] = m.train()
+    return cache[kind]
+
+
+ROWS = {"prefill": prefill, "prefill_last": prefill_last, "decode": decode,
+        "decode_bf16": _decode_variant("bf16"), "decode_int8": _decode_variant("int8"),
+        "decode_int4": _decode_variant("int4"), "decode_batch": decode_batch,
+        "train_full": _train_row("full"), "train_lora": _train_row("lora")}
 
 
 # ---------------------------------------------------------------------------------- harness
+MATVEC_GBS, MATMUL_GFLOPS = 25.0, 165.0  # the issue's measurements of this machine (2 cores, fp32)
+N_PARAMS = 134.5e6  # SmolLM2-135M: weights read once per decoded token (fp32: 4 bytes each)
+
+
+def roofline(results, args):
+    """Fractions of the machine's ceilings: decode bytes/s vs memory bandwidth, prefill and
+    training FLOP/s vs fp32 matmul FLOP/s (2 FLOPs per weight per token, 6 for training)."""
+    bytes_per_weight = {"decode": 4, "decode_bf16": 2, "decode_int8": 1, "decode_int4": 0.5}
+    for name, fig in results.items():
+        rate = fig["lmzoo"]["median"]
+        if name in bytes_per_weight:
+            frac = rate * N_PARAMS * bytes_per_weight[name] / 1e9 / MATVEC_GBS
+            what = "of memory bandwidth"
+        elif name.startswith("prefill") or name == "train_full":
+            frac = rate * N_PARAMS * (6 if name.startswith("train") else 2) / 1e9 / MATMUL_GFLOPS
+            what = "of fp32 matmul FLOP/s"
+        else:
+            continue
+        fig["roofline"] = frac
+        print(f"roofline {name:<14}{100 * frac:6.1f}% {what}")
+
+
 def environment():
     import transformers
     with open("/proc/cpuinfo") as f:
@@ -153,10 +289,15 @@ def quiet_run(row, engine, args):
 def load_engines():
     model, tok = lmzoo.load()
     from transformers import AutoModelForCausalLM
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = lmzoo.save_hf_dir(model, os.path.join(tmp, "hf"), tok)
-        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    return Lmzoo(model.eval()), HF(hf_model.eval()), tok
+    tmp = tempfile.mkdtemp(prefix="lmzoo-bench-")  # kept for the training rows, which load fresh copies
+    import atexit
+    import shutil
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    hf_dir = lmzoo.save_hf_dir(model, os.path.join(tmp, "hf"), tok)
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    theirs = HF(hf_model.eval())
+    theirs.hf_dir = hf_dir
+    return Lmzoo(model.eval()), theirs, tok
 
 
 def check_same_model(ours, theirs, ids):
@@ -191,7 +332,7 @@ def prompt_ids(tok, text, n):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rows", default="prefill,prefill_last,decode", help=f"comma list of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--wait", type=float, default=120, help="max s to wait for a quiet CPU before each run")
@@ -216,6 +357,10 @@ def main(argv=None):
     args.prefill_ids = prompt_ids(tok, TEXT, args.prefill_len)
     args.decode_ids = torch.tensor([tok.encode(DECODE_PROMPT)])
     args.generated = {}
+    args.peak_mem = {}
+    args.tok_pad = 0
+    args.train_ids = prompt_ids(tok, TEXT, 4 * 256).reshape(4, 256) if not args.quick else \
+        prompt_ids(tok, TEXT, 4 * 32).reshape(4, 32)
     diff = check_same_model(ours, theirs, args.prefill_ids)
     print(f"same model: max |logits(lmzoo) - logits(transformers)| = {diff:.2e} over {args.prefill_len} tokens")
 
@@ -232,6 +377,13 @@ def main(argv=None):
           " noisy = runs during which other processes kept > 0.2 core busy; left out of the figures)")
     if any(fig["noisy"] for fig in results.values()):  # 2-thread kernels stall when a core is taken
         print("note: some runs were noisy; rerun on a quieter machine if many were", file=sys.stderr)
+
+    for kind, mem in args.peak_mem.items():
+        ours, hf = (statistics.median(mem[n]) for n in ("lmzoo", "transformers"))
+        results[f"train_{kind}"]["peak_memory"] = {"lmzoo": ours, "transformers": hf, "ratio": ours / hf}
+        print(f"train_{kind}: peak memory added by a step: lmzoo {ours / 2**20:.0f} MiB, "
+              f"transformers {hf / 2**20:.0f} MiB, ratio {ours / hf:.2f}")
+    roofline(results, args)
 
     notes = {"prefill_len": args.prefill_len, "decode_prompt_len": args.decode_ids.shape[1], "repeats": args.repeats,
              "new_tokens": args.new_tokens, "max_abs_logits_diff": diff, "lmzoo_path": os.path.dirname(lmzoo.__file__)}

@@ -22,6 +22,7 @@ class KVCache:
         self.n_virtual = 0  # P-tuning v2's virtual tokens in the first slots
         self.prefix_len: torch.Tensor | None = None  # per row, for GLM's block positions
         self.rope_length = None  # Qwen1: the prefill's length (per row), which fixes the NTK alpha
+        self.all_valid = True  # no padding written yet: decoding needs no mask and no check per step
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, Hkv, T, D] at slots length..length+T; return all keys and values so far."""

@@ -19,6 +19,8 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     if not positional:
         p.add_argument("--adapter", default=None,
                        help="adapter directory (LoRA, P-tuning v2, prompt tuning), e.g. a finetune output")
+        p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                       help="weight-only quantization for inference (faster decoding on CPU)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -150,7 +152,14 @@ def _version() -> str:
 def _load(args):
     from .checkpoint import load
 
-    return load(args.source, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None))
+    model, tokenizer = load(args.source, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None))
+    if getattr(args, "quantize", None):
+        from .peft import strip_lora
+        from .quant import quantize
+
+        strip_lora(model)  # a LoRA adapter is folded into the weights before they are quantized
+        quantize(model.eval(), args.quantize)
+    return model, tokenizer
 
 
 def _sampling(args, tokenizer) -> dict:

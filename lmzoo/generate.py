@@ -73,14 +73,17 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
     cache = model.new_cache(B, T + max_new_tokens)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    logits = model(input_ids, attention_mask=attention_mask, cache=cache, prefix_len=prefix_len)[:, -1]
+    # The prompt's logits are needed at its last position only: apply the head there alone.
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, prefix_len=prefix_len)
+    logits = model.lm_head(hidden[:, -1])
     for _ in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
         token = token.masked_fill(done, -1)
         yield token
-        done = done | torch.isin(token, stops)
-        if bool(done.all()):
-            return
+        if len(stops):  # without stop tokens no row ever stops: no check, no host sync
+            done = done | torch.isin(token, stops)
+            if bool(done.all()):
+                return
         # Positions continue from the cache's record of real tokens, so padded rows stay aligned.
         logits = model(token.clamp(min=0)[:, None], cache=cache)[:, -1]
 

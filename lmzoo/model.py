@@ -38,6 +38,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op, the same numbers
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -218,8 +220,9 @@ class Decoder(nn.Module):
         if cache is not None:
             new = attention_mask.bool() if attention_mask is not None else True
             cache.key_valid[:, cache.length:cache.length + T] = new
-            valid = cache.key_valid[:, cache.n_virtual:cache.length + T]
-            return None if bool(valid.all()) else valid
+            if attention_mask is not None and cache.all_valid:  # one host sync, when a mask comes in
+                cache.all_valid = bool(attention_mask.bool().all())
+            return None if cache.all_valid else cache.key_valid[:, cache.n_virtual:cache.length + T]
         if attention_mask is None or bool(attention_mask.bool().all()):
             return None
         return attention_mask.bool()
@@ -317,6 +320,62 @@ class Decoder(nn.Module):
                 labels[torch.arange(input_ids.shape[1], device=input_ids.device)[None] < end[:, None]] = -100
             if kwargs.get("attention_mask") is not None:
                 labels[kwargs["attention_mask"] == 0] = -100
-        logits = self(input_ids, prefix_len=prefix_len, **kwargs)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                               reduction=reduction)
+        head = self.lm_head
+        if type(head) is not nn.Linear or head.bias is not None or _is_sharded(head.weight):
+            # a LoRA or quantized head, or FSDP (which gathers weights in forward hooks): the plain way
+            logits = self(input_ids, prefix_len=prefix_len, **kwargs)
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100, reduction=reduction)
+        # The same loss without ever holding [B, T, vocab] logits: the head runs only on the
+        # labelled positions, a chunk of them at a time (see ChunkedHeadCrossEntropy).
+        hidden = self.hidden_states(input_ids, prefix_len=prefix_len, **kwargs)[:, :-1].flatten(0, 1)
+        targets = labels[:, 1:].flatten()
+        keep = targets != -100
+        total = ChunkedHeadCrossEntropy.apply(hidden[keep], head.weight, targets[keep])
+        return total if reduction == "sum" else total / keep.sum()
+
+
+def _is_sharded(weight: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor)
+
+
+class ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(h_i W^T, y_i) over rows h [N, d], with its gradients, computed
+    `rows` rows at a time: the logits of one chunk (in fp32) are the largest thing alive, and
+    the gradients for h and W are accumulated while the chunk is at hand, so the backward pass
+    only scales them. Equals F.cross_entropy(reduction="sum") up to fp32 summation order."""
+
+    rows = 1024
+
+    @staticmethod
+    def forward(ctx, h, weight, y):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        for i in range(0, h.shape[0], ChunkedHeadCrossEntropy.rows):
+            hc, yc = h[i:i + ChunkedHeadCrossEntropy.rows], y[i:i + ChunkedHeadCrossEntropy.rows]
+            logits = (hc @ weight.t()).float()
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if want_h or want_w:  # d loss / d logits = softmax - one_hot
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(len(yc), device=g.device), yc] -= 1
+                g = g.to(h.dtype)
+                if want_h:
+                    grad_h[i:i + len(yc)] = g @ weight.to(h.dtype)
+                if want_w:
+                    grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_total.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), None)

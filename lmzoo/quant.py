@@ -1,0 +1,144 @@
+"""Weight-only quantized linear layers for inference: int8 per output channel, int4 per group.
+
+Decoding one token reads every weight once, so its speed is bytes moved: an int8 weight moves
+a quarter of fp32's bytes, an int4 weight an eighth. The activations stay floating point; the
+matrix products run in torch's own CPU/CUDA kernels for packed weights
+(`_weight_int8pack_mm`, `_weight_int4pack_mm*`), which take bf16 activations. Layers compute
+in bf16 and hand back the caller's dtype, so the rest of the model is unchanged.
+
+    quantize(model, "int8")            # every nn.Linear of the blocks and the head, in place
+    quantize(model, "int4", group_size=32)
+
+int8:  w ~= q * scale,              q in -127..127, one scale per output row (symmetric).
+int4:  w ~= (q - 8) * scale + zero, q in 0..15, one (scale, zero) per row and group of
+       `group_size` input columns (asymmetric min/max, as GGUF's Q4_1 blocks of 32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import LmzooError
+
+MODES = ("int8", "int4")
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 [out, in] and an fp scale per output row."""
+
+    def __init__(self, linear: nn.Linear, compute_dtype=torch.bfloat16):
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(compute_dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.compute_dtype), self.qweight, self.scale)
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W in 4-bit groups of `group_size` input columns, packed for the kernel."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = 32, compute_dtype=torch.bfloat16):
+        super().__init__()
+        n, k = linear.out_features, linear.in_features
+        if k % group_size:
+            raise LmzooError(f"int4: in_features={k} is not a multiple of group_size={group_size}")
+        self.in_features, self.out_features, self.group_size = k, n, group_size
+        w = linear.weight.detach().float().reshape(n, k // group_size, group_size)
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        self.register_buffer("q", q.to(torch.uint8), persistent=False)  # kept to dequantize in tests
+        self.register_buffer("scales_zeros", torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1)
+                             .transpose(0, 1).contiguous().to(compute_dtype))  # [k/gs, n, 2]
+        self.register_buffer("packed", _pack_int4(q, linear.weight.device))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    def dequantized(self) -> torch.Tensor:
+        sz = self.scales_zeros.float().transpose(0, 1)  # [n, k/gs, 2]
+        q = self.q.float().reshape(self.out_features, -1, self.group_size)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)
+        if x2.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def _fused(linears: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose output rows are the given layers' outputs, one after the other."""
+    first = linears[0]
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    fused.weight.data = torch.cat([m.weight.detach() for m in linears])
+    if first.bias is not None:
+        fused.bias.data = torch.cat([m.bias.detach() for m in linears])
+    return fused
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Inference only: merge separate q, k, v into one `qkv` and gate, up into one `gate_up`
+    (the layouts the fused families already use), so a decoding step makes 4 matrix products
+    per block instead of 7. Only plain nn.Linear layers are merged (not LoRA-wrapped ones);
+    the parameter names change, so do this to a model you will not save or train."""
+    from .attention import Attention
+    from .mlp import MLP
+
+    for m in model.modules():
+        if isinstance(m, Attention) and not hasattr(m, "qkv") and all(type(getattr(m, n)) is nn.Linear for n in "qkv"):
+            m.qkv = _fused([m.q, m.k, m.v])
+            del m.q, m.k, m.v
+        elif isinstance(m, MLP) and m.gated and not hasattr(m, "gate_up") and \
+                type(m.gate) is nn.Linear and type(m.up) is nn.Linear:
+            m.gate_up = _fused([m.gate, m.up])
+            del m.gate, m.up
+    return model
+
+
+def _pack_int4(q: torch.Tensor, device) -> torch.Tensor:
+    if device is not None and torch.device(device).type == "cuda":
+        packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).to(device)
+        return torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 8)
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, mode: str = "int8", *, group_size: int = 32, head: bool = True) -> nn.Module:
+    """Replace the plain nn.Linear layers of `model` (the blocks' projections, and the head unless
+    head=False) by int8 or int4 weight-only layers, in place; embeddings and norms stay as they
+    are (a tied head gets its own quantized copy). For inference: the quantized layers have no
+    trainable weights. Attach and merge LoRA before quantizing, not after."""
+    if mode not in MODES:
+        raise LmzooError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    fuse_projections(model)
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    for name, linear in targets:
+        if name == "lm_head" and not head:
+            continue
+        if name.endswith("router"):  # MoE routing scores decide which experts run: keep them exact
+            continue
+        new = Int8Linear(linear) if mode == "int8" else Int4Linear(linear, group_size)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    model.quantized = mode
+    return model

@@ -1,0 +1,161 @@
+"""Every fast path equals the plain path, within the tolerance stated in each test."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmzoo
+from lmzoo.model import ChunkedHeadCrossEntropy, RMSNorm
+from lmzoo.quant import Int4Linear, Int8Linear, fuse_projections, quantize
+
+
+def small(name="smollm2-135m", **kw):
+    torch.manual_seed(0)
+    c = dataclasses.replace(lmzoo.preset(name), n_layers=2, **kw)
+    return lmzoo.Decoder(c).eval()
+
+
+def plain_loss(model, ids, labels, mask, reduction="mean"):
+    labels = labels.clone()
+    labels[mask == 0] = -100
+    logits = model(ids, attention_mask=mask)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction):
+    """Decoder.loss never builds [B, T, vocab]; loss and every gradient match to fp32 rounding (1e-6)."""
+    monkeypatch.setattr(ChunkedHeadCrossEntropy, "rows", 16)  # several chunks, and a ragged last one
+    model = small()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    labels = ids.clone()
+    labels[0, :10] = -100
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    a, b = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    la = plain_loss(a, ids, labels, mask, reduction)
+    lb = b.loss(ids, labels.masked_fill(mask == 0, -100), attention_mask=mask, reduction=reduction)
+    torch.testing.assert_close(lb, la, rtol=1e-6, atol=1e-6)
+    la.backward()
+    lb.backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        scale = pa.grad.abs().max().item()  # "sum" gradients are ~N times larger than "mean" ones
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6 * max(scale, 1), msg=name)
+
+
+def test_chunked_loss_with_frozen_head():
+    """LoRA-style training (head frozen): only the hidden states get a gradient."""
+    model = small()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.blocks[0].mlp.down.weight.requires_grad_(True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    a = copy.deepcopy(model)
+    la = plain_loss(a, ids, ids, torch.ones_like(ids))
+    lb = model.loss(ids)
+    torch.testing.assert_close(lb, la, rtol=1e-6, atol=1e-6)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(model.blocks[0].mlp.down.weight.grad, a.blocks[0].mlp.down.weight.grad,
+                               rtol=1e-5, atol=1e-7)
+    assert model.lm_head.weight.grad is None
+
+
+def test_rmsnorm_fused_equals_formula():
+    """The fp32 fast path (F.rms_norm) equals the written-out formula to 1e-6."""
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 64)
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(norm(x), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_projections_equal_separate(bias):
+    """fuse_projections (q|k|v and gate|up as one matrix each) changes logits by < 1e-5."""
+    model = small(qkv_bias=bias, mlp_bias=bias)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = model(ids)
+        fused = fuse_projections(copy.deepcopy(model))
+        assert hasattr(fused.blocks[0].attn, "qkv") and hasattr(fused.blocks[0].mlp, "gate_up")
+        torch.testing.assert_close(fused(ids), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,kw", [(Int8Linear, {}), (Int4Linear, {"group_size": 32})])
+def test_quantized_linear_equals_its_dequantized_weight(cls, kw):
+    """The packed kernels compute x W_q^T + b with bf16 activations: within 2% of the largest output
+    of the same product done in fp32 with the dequantized weight."""
+    lin = torch.nn.Linear(128, 96, bias=True)
+    q = cls(lin, **kw)
+    x = torch.randn(2, 7, 128)
+    ref = F.linear(x, q.dequantized(), lin.bias)
+    out = q(x)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+    # and the quantized weight is close to the original: half a step (int8: 1/254 of the row's
+    # largest weight; int4: 1/30 of the group's range, <= 1/15 of the largest), plus bf16 scales
+    err = (q.dequantized() - lin.weight).abs().max() / lin.weight.abs().max()
+    assert err < (0.01 if cls is Int8Linear else 0.08)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_tracks_fp32(mode):
+    """A quantized model's next-token choices agree with fp32 on most positions of a random model
+    (whose logits are nearly flat, so this is a harsh check), and generate runs with a cache."""
+    model = small()
+    ids = torch.randint(0, model.config.vocab_size, (1, 24))
+    with torch.no_grad():
+        ref = model(ids)
+        q = quantize(copy.deepcopy(model), mode)
+        out = q(ids)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < (0.05 if mode == "int8" else 0.3)
+    assert q.generate(ids, 4).shape == (1, 28)
+
+
+def test_quantized_cached_decode_equals_its_own_full_forward():
+    """The cache fast paths (no mask, no validity check) give the quantized model's own
+    full-forward logits, to the bf16 activations' tolerance."""
+    model = quantize(small(), "int8")
+    ids = torch.randint(0, model.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(1, 16)
+        step = torch.cat([model(ids[:, :6], cache=cache)] + [model(ids[:, i:i + 1], cache=cache)
+                                                            for i in range(6, 10)], dim=1)
+    torch.testing.assert_close(step, full, rtol=0.02, atol=0.02)
+
+
+def test_generate_head_on_last_position_only():
+    """generate applies the head only where it needs logits; greedy tokens equal a loop of full
+    forwards without a cache (exactly), for a padded batch too."""
+    model = small()
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]
+    out = model.generate(prompts, 5)
+    for p, o in zip(prompts, out):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(5):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert o == seq
+
+
+def test_cache_validity_flag_follows_padding():
+    """A cache records once, at the prefill, whether padding came in; decoding needs no check."""
+    model = small()
+    cache = model.new_cache(2, 8)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with torch.no_grad():
+        model(torch.tensor([[0, 5, 6], [4, 5, 6]]), attention_mask=mask, cache=cache)
+    assert cache.all_valid is False
+    cache = model.new_cache(2, 8)
+    with torch.no_grad():
+        model(torch.tensor([[4, 5, 6], [4, 5, 6]]), attention_mask=torch.ones(2, 3, dtype=torch.long), cache=cache)
+    assert cache.all_valid is True
