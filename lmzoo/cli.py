@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, positional=True)
     p.add_argument("out_dir")
     p.set_defaults(run=cmd_convert)
-    p = sub.add_parser("finetune", help="fine-tune on a JSONL file (LoRA or full)")
+    p = sub.add_parser("finetune", help="fine-tune on a JSONL file: LoRA, P-tuning v2, prompt tuning or full")
     _model_args(p)
     p.add_argument("--data", required=True, help="JSONL: chat `messages`, `prompt`/`response`, or `text` per line")
     p.add_argument("--out", required=True, help="output directory (adapter/, metrics.jsonl, loss.png, checkpoint/)")
