@@ -112,8 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
     p.add_argument("--steps", type=int, default=40, help="LoRA steps of 8 examples (default 40)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=lambda args: __import__("lmzoo.demo", fromlist=["run"]).run(args.out, steps=args.steps,
-                                                                                   seed=args.seed))
+    p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("compare-peft", help="LoRA vs P-tuning v2 vs prompt tuning, same data and budget, measured")
     p.add_argument("--data", default=None, help="JSONL to train on (default: the embedded date task)")
@@ -123,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model to fine-tune (default: the embedded SmolLM2)")
     p.add_argument("--out", default="out/compare-peft")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=lambda args: __import__("lmzoo.compare_peft", fromlist=["run"]).run(
-        args.out, data=args.data, steps=args.steps, batch_size=args.batch_size, with_full=args.with_full,
-        seed=args.seed, model=args.model))
+    p.set_defaults(run=cmd_compare_peft)
 
     p = sub.add_parser("masks", help="draw attention patterns: causal vs prefix LM, sliding window, sparse")
     p.add_argument("--kind", default="all", help="causal, prefix, sliding, strided, fixed or all (default)")
@@ -307,6 +304,19 @@ def cmd_merge(args) -> None:
         raise LmzooError(f"{args.adapter}: `lmzoo merge` merges LoRA adapters only")
     strip_lora(model)
     print(f"wrote {save_hf_dir(model, args.out_dir, tokenizer)}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run
+
+    run(args.out, steps=args.steps, seed=args.seed)
+
+
+def cmd_compare_peft(args) -> None:
+    from .compare_peft import run
+
+    run(args.out, data=args.data, steps=args.steps, batch_size=args.batch_size, with_full=args.with_full,
+        seed=args.seed, model=args.model)
 
 
 def cmd_masks(args) -> None:
