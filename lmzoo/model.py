@@ -320,6 +320,11 @@ class Decoder(nn.Module):
                 labels[torch.arange(input_ids.shape[1], device=input_ids.device)[None] < end[:, None]] = -100
             if kwargs.get("attention_mask") is not None:
                 labels[kwargs["attention_mask"] == 0] = -100
+        if prefix_len is None and self.config.lm_type == "prefix":
+            # A prefix LM's context ends where its targets begin: a target must never be seen
+            # both ways, or training would read the answer it is asked to predict.
+            targeted = labels != -100
+            prefix_len = torch.where(targeted.any(1), targeted.int().argmax(1), 0)
         head = self.lm_head
         if type(head) is not nn.Linear or head.bias is not None or _is_sharded(head.weight):
             # a LoRA or quantized head, or FSDP (which gathers weights in forward hooks): the plain way

@@ -170,3 +170,18 @@ def test_loss_ignores_unlabelled_tokens_and_the_prefix():
         expected = torch.nn.functional.cross_entropy(logits[0, 5:9], x[0, 6:10])
         torch.testing.assert_close(m.loss(x, prefix_len=6), expected)
         torch.testing.assert_close(m.loss(x, labels, prefix_len=6), expected)
+
+
+def test_a_prefix_lm_trains_with_its_context_ending_where_the_targets_begin():
+    m = lmzoo.from_config(VARIANTS["llama-as-prefix-lm"]).eval()
+    x = torch.randint(0, 53, (2, 12))
+    labels = x.clone()
+    labels[0, :7] = -100  # row 0: context of 7 tokens, then targets
+    labels[1, :4] = -100  # row 1: context of 4
+    with torch.no_grad():
+        logits = m(x, prefix_len=torch.tensor([7, 4]))
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        torch.testing.assert_close(m.loss(x, labels), expected, atol=1e-5, rtol=0)
+        # and no target leaks into an earlier prediction: changing the last token changes no earlier logit
+        y = x.clone(); y[:, -1] = (x[:, -1] + 1) % 53
+        torch.testing.assert_close(m(y, prefix_len=torch.tensor([7, 4]))[:, :-1], logits[:, :-1], atol=0, rtol=0)
