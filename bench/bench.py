@@ -7,7 +7,9 @@ fp32): lmzoo loads the .gguf, saves it as a Hugging Face directory, and transfor
 directory; the script checks that the two produce the same logits before timing anything.
 
 A row is a function `row(engine, args) -> tokens/s` timing one call of the engine methods below;
-adding a row is adding a function to ROWS. See bench/README.md for the method and the figures.
+adding a row is adding a function to ROWS. The training rows live in bench/training.py (their
+peak memory is measured in a fresh process per engine), the quality of the bf16/int8/int4
+modes in bench/quality.py. See bench/README.md for the method and the figures.
 """
 import argparse
 import json
@@ -21,6 +23,8 @@ import time
 import torch
 
 import lmzoo
+import quality  # bench/quality.py
+import training  # bench/training.py
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
         "combined movable metal type, oil-based ink and a wooden screw press into a system that could "
@@ -138,81 +142,10 @@ def decode_batch(engine, args):
     return 8 * n / (time.perf_counter() - t)
 
 
-def _peak_rss_during(fn):
-    """(result, peak RSS in bytes above the starting RSS) while fn runs, sampled every 2 ms."""
-    import threading
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-    base, peak, stop = rss(), [0], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-    th = threading.Thread(target=watch)
-    th.start()
-    try:
-        out = fn()
-    finally:
-        stop.set()
-        th.join()
-    return out, max(peak[0], rss()) - base
-
-
-def _train_row(kind):
-    def row(engine, args):
-        model = trainable(engine, kind)
-        ids = args.train_ids
-
-        def step():
-            with torch.enable_grad(), torch.inference_mode(False):
-                if engine.name == "lmzoo":
-                    loss = model.loss(ids)
-                else:
-                    loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-            for p in model.parameters():
-                p.grad = None
-        t = time.perf_counter()
-        _, peak = _peak_rss_during(step)
-        rate = ids.numel() / (time.perf_counter() - t)
-        args.peak_mem.setdefault(kind, {}).setdefault(engine.name, []).append(peak)
-        return rate
-    row.__doc__ = (f"one training step (forward + backward, fp32) on 4x256 tokens, {kind}; tokens/s, "
-                   "and the peak memory the step adds (RSS, in results.json)")
-    return row
-
-
-def trainable(engine, kind):
-    """A copy of the engine's model set up for `kind` training (made once, kept)."""
-    import copy
-    cache = engine.__dict__.setdefault("trainables", {})
-    if kind in cache:
-        return cache[kind]
-    with torch.inference_mode(False):
-        if engine.name == "lmzoo":
-            m = lmzoo.load()[0]
-            if kind == "lora":
-                from lmzoo.peft import LoraConfig, add_lora
-                add_lora(m, LoraConfig(r=8, alpha=16, targets=("q", "k", "v", "o", "gate", "up", "down")))
-        else:
-            from transformers import AutoModelForCausalLM
-            m = AutoModelForCausalLM.from_pretrained(engine.hf_dir, dtype=torch.float32)
-            if kind == "lora":
-                import peft
-                m = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, target_modules=[
-                    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    cache[kind] = m.train()
-    return cache[kind]
-
-
 ROWS = {"prefill": prefill, "prefill_last": prefill_last, "decode": decode,
         "decode_bf16": _decode_variant("bf16"), "decode_int8": _decode_variant("int8"),
         "decode_int4": _decode_variant("int4"), "decode_batch": decode_batch,
-        "train_full": _train_row("full"), "train_lora": _train_row("lora")}
+        **{f"train_{kind}": training.row(kind) for kind in training.KINDS}}
 
 
 # ---------------------------------------------------------------------------------- harness
@@ -324,6 +257,27 @@ def measure(row, engines, args):
     return fig
 
 
+def peak_memory(rows, engines, args, results):
+    """Each training row again, once per engine in a fresh process, for its peak RSS (training.py)."""
+    kinds = [name[len("train_"):] for name in rows if name.startswith("train_")]
+    if not kinds:
+        return
+    for e in engines:  # the timed rows' models are not needed any more
+        e.trainable = None
+    print("\npeak RSS of loading + one training step, each engine in a fresh process (VmHWM)")
+    print(f"{'row':<18}{'lmzoo MiB':>11}{'transformers MiB':>18}{'ratio':>8}")
+    for kind in kinds:
+        mem = {e.name: training.peak_rss(e.name, kind, args.train_ids, getattr(e, "hf_dir", None), args.threads)
+               for e in engines}
+        ours, hf = mem["lmzoo"]["peak_rss"], mem["transformers"]["peak_rss"]
+        mem["ratio"] = ours / hf
+        results[f"train_{kind}"]["peak_memory"] = mem
+        print(f"{'train_' + kind:<18}{ours / 2**20:>11.0f}{hf / 2**20:>18.0f}{ours / hf:>8.2f}", flush=True)
+        for e in engines:  # the peak is normally the step's; say so when loading was higher
+            if mem[e.name]["load_peak_rss"] >= mem[e.name]["peak_rss"]:
+                print(f"  note: {e.name}'s peak was reached while loading, not in the step")
+
+
 def prompt_ids(tok, text, n):
     ids = tok.encode(text * (n // 8))  # a sentence is well over 8 tokens
     return torch.tensor([ids[:n]])
@@ -338,6 +292,7 @@ def main(argv=None):
     p.add_argument("--wait", type=float, default=120, help="max s to wait for a quiet CPU before each run")
     p.add_argument("--retries", type=int, default=2, help="reruns of a run during which others were busy")
     p.add_argument("--quick", action="store_true", help="64-token prefill, 16 new tokens, 1 repeat, no waiting")
+    p.add_argument("--no-quality", action="store_true", help="skip the quality table of the bf16/int8/int4 modes")
     args = p.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if unknown := [r for r in rows if r not in ROWS]:
@@ -357,32 +312,27 @@ def main(argv=None):
     args.prefill_ids = prompt_ids(tok, TEXT, args.prefill_len)
     args.decode_ids = torch.tensor([tok.encode(DECODE_PROMPT)])
     args.generated = {}
-    args.peak_mem = {}
     args.tok_pad = 0
     args.train_ids = prompt_ids(tok, TEXT, 4 * 256).reshape(4, 256) if not args.quick else \
         prompt_ids(tok, TEXT, 4 * 32).reshape(4, 32)
     diff = check_same_model(ours, theirs, args.prefill_ids)
     print(f"same model: max |logits(lmzoo) - logits(transformers)| = {diff:.2e} over {args.prefill_len} tokens")
 
-    print(f"\n{'row':<14}{'lmzoo tok/s':>14}{'transformers tok/s':>20}{'ratio':>8}{'ratio(best)':>13}{'noisy':>7}")
+    print(f"\n{'row':<18}{'lmzoo tok/s':>14}{'transformers tok/s':>20}{'ratio':>8}{'ratio(best)':>13}{'noisy':>7}")
     results = {}
     for name in rows:
         results[name] = fig = measure(ROWS[name], engines, args)
         fig["ratio"] = fig["lmzoo"]["median"] / fig["transformers"]["median"]
         fig["ratio_best"] = fig["lmzoo"]["best"] / fig["transformers"]["best"]
         fig["what"] = ROWS[name].__doc__
-        print(f"{name:<14}{fig['lmzoo']['median']:>14.1f}{fig['transformers']['median']:>20.1f}"
+        print(f"{name:<18}{fig['lmzoo']['median']:>14.1f}{fig['transformers']['median']:>20.1f}"
               f"{fig['ratio']:>8.2f}{fig['ratio_best']:>13.2f}{fig['noisy']:>5}/{fig['runs']}", flush=True)
     print(f"(medians of {args.repeats} alternating runs; ratio = lmzoo / transformers, above 1 = lmzoo faster;\n"
           " noisy = runs during which other processes kept > 0.2 core busy; left out of the figures)")
     if any(fig["noisy"] for fig in results.values()):  # 2-thread kernels stall when a core is taken
         print("note: some runs were noisy; rerun on a quieter machine if many were", file=sys.stderr)
 
-    for kind, mem in args.peak_mem.items():
-        ours, hf = (statistics.median(mem[n]) for n in ("lmzoo", "transformers"))
-        results[f"train_{kind}"]["peak_memory"] = {"lmzoo": ours, "transformers": hf, "ratio": ours / hf}
-        print(f"train_{kind}: peak memory added by a step: lmzoo {ours / 2**20:.0f} MiB, "
-              f"transformers {hf / 2**20:.0f} MiB, ratio {ours / hf:.2f}")
+    peak_memory(rows, engines, args, results)
     roofline(results, args)
 
     notes = {"prefill_len": args.prefill_len, "decode_prompt_len": args.decode_ids.shape[1], "repeats": args.repeats,
@@ -392,8 +342,12 @@ def main(argv=None):
         notes["decode_same_tokens"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         print(f"decode: the engines agree on the first {notes['decode_same_tokens']} of {args.new_tokens} new tokens")
 
+    out = {"environment": env, "settings": notes, "rows": results}
+    if not args.no_quality:
+        out["quality"] = quality.measure(ours.model, tok)
+        quality.print_table(out["quality"])
     with open(args.json, "w") as f:
-        json.dump({"environment": env, "settings": notes, "rows": results}, f, indent=2)
+        json.dump(out, f, indent=2)
     return 0
 
 

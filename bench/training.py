@@ -1,0 +1,150 @@
+"""The training rows of bench/bench.py: one training step of each engine, and its peak memory.
+
+A step is one forward and backward pass in fp32 on a [4, 256] batch of token ids ([4, 32] with
+--quick), the loss over every next token, and no optimizer step. The kinds:
+
+    full        every weight trains
+    lora        LoRA r=8, alpha 16, on q, k, v, o, gate, up, down
+                  lmzoo: add_lora(model, LoraConfig(...))   transformers: peft.LoraConfig(...)
+    ptuning_v2  32 virtual tokens per layer, made by a projection MLP (P-tuning v2)
+                  lmzoo: add_virtual(model, PrefixConfig(n_virtual=32, projection=True))
+                  transformers: peft.PrefixTuningConfig(num_virtual_tokens=32, prefix_projection=True)
+
+Speed is timed in bench.py's process, like every row (`row(kind)`). Peak memory is measured
+in a fresh process per engine and kind (`peak_rss`), which loads the model, runs one step and
+reads its own VmHWM from /proc/self/status, so the figure is that engine's alone:
+
+    .venv/bin/python bench/training.py lmzoo lora --ids ids.pt [--hf-dir DIR] [--threads 2]
+
+prints one line of JSON (sizes in bytes):
+    peak_rss       the process's peak RSS over its whole life: loading + one step (VmHWM)
+    step_peak_rss  the peak RSS from the end of loading to the end of the step (VmHWM, reset
+                   after loading by writing 5 to /proc/self/clear_refs); None if the kernel
+                   refuses the reset
+    load_peak_rss, loaded_rss   VmHWM and VmRSS when the model is loaded, before the step
+Both peaks are absolute (the weights, the interpreter and the libraries included), not added
+memory.
+"""
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+KINDS = ("full", "lora", "ptuning_v2")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(engine, kind, hf_dir=None):
+    """A fresh model of `engine` ("lmzoo" or "transformers") set up for `kind` training, fp32."""
+    with torch.inference_mode(False):
+        if engine == "lmzoo":
+            import lmzoo
+            from lmzoo.peft import LoraConfig, PrefixConfig, add_lora, add_virtual
+            m = lmzoo.load()[0]
+            if kind == "lora":
+                add_lora(m, LoraConfig(r=8, alpha=16, targets=LORA_TARGETS))
+            elif kind == "ptuning_v2":
+                add_virtual(m, PrefixConfig(n_virtual=32, projection=True))
+        else:
+            import peft
+            from transformers import AutoModelForCausalLM
+            m = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+            if kind == "lora":
+                m = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, target_modules=HF_LORA_TARGETS))
+            elif kind == "ptuning_v2":
+                m = peft.get_peft_model(m, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=32,
+                                                                   prefix_projection=True))
+    return m.train()
+
+
+def step(engine, model, ids):
+    """One forward + backward; the gradients are dropped afterwards (no optimizer)."""
+    with torch.enable_grad(), torch.inference_mode(False):
+        loss = model.loss(ids) if engine == "lmzoo" else model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def trainable_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def row(kind):
+    """The bench row for `kind`: tokens / s of one step, in bench.py's process."""
+    def timed(engine, args):
+        held = getattr(engine, "trainable", None)  # one kind at a time per engine, kept across runs
+        if held is None or held[0] != kind:
+            engine.trainable = None
+            gc.collect()
+            engine.trainable = (kind, build(engine.name, kind, getattr(engine, "hf_dir", None)))
+        t = time.perf_counter()
+        step(engine.name, engine.trainable[1], args.train_ids)
+        return args.train_ids.numel() / (time.perf_counter() - t)
+    timed.__doc__ = (f"one {kind} training step (forward + backward, fp32, no optimizer) on 4x256 tokens; tokens/s "
+                     "(peak RSS of loading + one step, in a fresh process per engine: `peak_memory`)")
+    return timed
+
+
+def peak_rss(engine, kind, ids, hf_dir=None, threads=2):
+    """Run one `kind` step of `engine` in a fresh process; its memory figures (see the top)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ids.pt")
+        torch.save(ids, path)
+        cmd = [sys.executable, os.path.abspath(__file__), engine, kind, "--ids", path, "--threads", str(threads)]
+        if hf_dir:
+            cmd += ["--hf-dir", hf_dir]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak():
+    """Set VmHWM to the current RSS (Linux >= 4.0); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="one training step in this process, then its peak RSS as JSON")
+    p.add_argument("engine", choices=("lmzoo", "transformers"))
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("--ids", required=True, help="a torch.save'd [batch, seq] tensor of token ids")
+    p.add_argument("--hf-dir", help="the Hugging Face directory transformers loads")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ids = torch.load(args.ids)
+    model = build(args.engine, args.kind, args.hf_dir)
+    gc.collect()
+    load_peak, loaded = _status("VmHWM"), _status("VmRSS")
+    reset = _reset_peak()
+    t = time.perf_counter()
+    step(args.engine, model, ids)
+    seconds = time.perf_counter() - t
+    after = _status("VmHWM")
+    print(json.dumps({"peak_rss": max(load_peak, after), "step_peak_rss": after if reset else None,
+                      "load_peak_rss": load_peak, "loaded_rss": loaded, "step_s": seconds,
+                      "tokens": ids.numel(), "trainable_params": trainable_params(model)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
