@@ -27,3 +27,34 @@ def save(model, path) -> str:
 def ids(batch=2, length=24, vocab=97, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def assert_incremental_equals_full(model, chunks, vocab, batch=2):
+    """Feeding a sequence through the KV cache in `chunks` gives the full forward's logits."""
+    x = torch.randint(0, vocab, (batch, sum(chunks)))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(batch, sum(chunks) + 4)
+        parts, start = [], 0
+        for n in chunks:
+            parts.append(model(x[:, start:start + n], cache=cache))
+            start += n
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+
+
+def assert_round_trip_through_transformers(oracle, tmp_path, length=20, atol=1e-5):
+    """lmzoo loads the oracle's directory and saves its own; transformers loads that back as the
+    same class with the same logits, and lmzoo reads the same config again. Returns lmzoo's model."""
+    import lmzoo
+
+    ours, _ = lmzoo.load(save(oracle, tmp_path / "a"))
+    lmzoo.save_hf_dir(ours, tmp_path / "b")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b", attn_implementation="eager").eval()
+    assert type(reloaded) is type(oracle)
+    x = ids(length=length)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, oracle(x).logits, atol=atol, rtol=0)
+        torch.testing.assert_close(ours(x), oracle(x).logits, atol=atol, rtol=0)
+    again, _ = lmzoo.load(tmp_path / "b")
+    assert again.config == ours.config
+    return ours

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lmzoo
+from hf_oracle import assert_incremental_equals_full
 from lmzoo.generate import left_pad, sample
 
 CONFIGS = {
@@ -24,16 +25,7 @@ def model_for(name):
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("chunks", [[1] * 20, [7, 1, 1, 5, 6], [12, 8]])
 def test_incremental_decoding_equals_full_forward(name, chunks):
-    model = model_for(name)
-    x = torch.randint(0, 101, (2, sum(chunks)))
-    with torch.no_grad():
-        full = model(x)
-        cache = model.new_cache(2, 40)
-        parts, start = [], 0
-        for n in chunks:
-            parts.append(model(x[:, start:start + n], cache=cache))
-            start += n
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+    assert_incremental_equals_full(model_for(name), chunks, vocab=101)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

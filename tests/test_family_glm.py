@@ -18,7 +18,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import lmzoo
-from hf_oracle import ids, save, tiny_hf_model
+from hf_oracle import assert_round_trip_through_transformers, ids, save, tiny_hf_model
 from lmzoo.config import Config
 from lmzoo.formats import hf_glm, registry
 from lmzoo.rope import apply_rope, rope_tables
@@ -63,16 +63,7 @@ def test_native_logits_equal_transformers(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["glm", "glm-quarter-rotary-big-base", "glm4"])
 def test_native_round_trip_through_transformers(case, tmp_path):
-    oracle = native_oracle(case)
-    ours, _ = lmzoo.load(save(oracle, tmp_path / "a"))
-    lmzoo.save_hf_dir(ours, tmp_path / "b")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b", attn_implementation="eager").eval()
-    assert type(reloaded) is type(oracle)
-    x = ids(length=20)
-    with torch.no_grad():
-        assert_logits(reloaded(x).logits, oracle(x).logits)
-    again, _ = lmzoo.load(tmp_path / "b")
-    assert again.config == ours.config
+    assert_round_trip_through_transformers(native_oracle(case), tmp_path, length=20)
 
 
 # ============================================================================= THUDM's semantics

@@ -13,7 +13,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import lmzoo
-from hf_oracle import ids, save
+from hf_oracle import assert_incremental_equals_full, ids, save
 from lmzoo.cli import main as cli_main
 from lmzoo.formats import registry
 from lmzoo.generate import left_pad
@@ -160,16 +160,7 @@ def tiny_model(name):
 @pytest.mark.parametrize("name", TINY_CONFIGS)
 @pytest.mark.parametrize("chunks", [[5, 1, 1, 3], [9, 1, 1, 1, 7]])
 def test_incremental_decoding_equals_full_forward(name, chunks):
-    model = tiny_model(name)
-    x = torch.randint(0, 97, (2, sum(chunks)))
-    with torch.no_grad():
-        full = model(x)
-        cache = model.new_cache(2, 32)
-        parts, start = [], 0
-        for n in chunks:
-            parts.append(model(x[:, start:start + n], cache=cache))
-            start += n
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+    assert_incremental_equals_full(tiny_model(name), chunks, vocab=97)
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [1, 2, 3], [4, 4, 9, 30, 2, 7]]

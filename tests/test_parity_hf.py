@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-import transformers
 
 import lmzoo
-from hf_oracle import ids, save, tiny_hf_model
+from hf_oracle import assert_round_trip_through_transformers, ids, save, tiny_hf_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -43,17 +42,7 @@ def test_logits_equal_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama-gqa", "llama3-rope-scaling-tied", "mistral-window-on", "qwen2", "mixtral"])
 def test_round_trip_through_transformers(case, tmp_path):
     model_type, overrides = CASES[case]
-    oracle = tiny_hf_model(model_type, **overrides)
-    ours, _ = lmzoo.load(save(oracle, tmp_path / "a"))
-    lmzoo.save_hf_dir(ours, tmp_path / "b")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b", attn_implementation="eager").eval()
-    assert type(reloaded) is type(oracle)
-    x = ids(length=30)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(x).logits, oracle(x).logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(ours(x), oracle(x).logits, atol=1e-5, rtol=0)
-    again, _ = lmzoo.load(tmp_path / "b")
-    assert again.config == ours.config
+    assert_round_trip_through_transformers(tiny_hf_model(model_type, **overrides), tmp_path, length=30)
 
 
 def test_sharded_checkpoint_loads(tmp_path):

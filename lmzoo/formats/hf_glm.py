@@ -40,6 +40,7 @@ import torch
 from ..config import Config
 from ..errors import LmzooError
 from .hf import HFFormat, activation, read_rope, write_rope
+from .hf_glm1 import is_glm1, refuse_thudm_options
 from .names import Mapped, NameTable
 
 # ============================================================================= chatglm (remote code)
@@ -47,11 +48,6 @@ from .names import Mapped, NameTable
 # modeling_chatglm.py reads every field written below, rope_ratio included.
 REMOTE_CODE_REPO = "THUDM/glm-4-9b-chat"
 ROPE_BASE = 10000.0  # THUDM's RotaryEmbedding: base = 10000 * rope_ratio
-
-
-def is_glm1(hf: dict) -> bool:
-    """GLM v1 (ChatGLM-6B) configs have 2-D positions and inner_hidden_size; ChatGLM2/3 and GLM-4 have neither."""
-    return "position_encoding_2d" in hf or "inner_hidden_size" in hf
 
 
 def grouped_qkv(hf: dict) -> bool:
@@ -68,12 +64,7 @@ def read_chatglm_config(hf: dict, source: str = "config.json") -> dict:
     if is_glm1(hf):
         raise LmzooError(f"{source}: a GLM v1 (ChatGLM-6B) config (position_encoding_2d / inner_hidden_size) "
                          "is not a ChatGLM2/3 or GLM-4 one")
-    if hf.get("quantization_bit") not in (None, 0):
-        raise LmzooError(f"{source}: quantization_bit={hf['quantization_bit']!r} (THUDM's int4/int8 weights) "
-                         "is not supported; load the float16/bfloat16 checkpoint (quantization_bit=0)")
-    if hf.get("pre_seq_len") is not None:
-        raise LmzooError(f"{source}: pre_seq_len={hf['pre_seq_len']!r} (a P-tuning v2 prefix encoder) "
-                         "is not supported; merge or drop the prefix encoder (pre_seq_len=null)")
+    refuse_thudm_options(hf, source)
     d, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     # ChatGLMConfig's kv_channels defaults to 128; the model uses hidden_size // heads only for null.
     head_dim = hf.get("kv_channels", 128) or d // n_heads

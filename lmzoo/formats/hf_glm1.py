@@ -45,16 +45,21 @@ def is_glm1(hf: dict) -> bool:
     return "position_encoding_2d" in hf or "inner_hidden_size" in hf
 
 
+def refuse_thudm_options(hf: dict, source: str) -> None:
+    """Options of THUDM's remote code (every ChatGLM generation) that lmzoo does not run."""
+    if hf.get("quantization_bit") not in (None, 0):
+        raise LmzooError(f"{source}: quantization_bit={hf['quantization_bit']!r} (THUDM's int4/int8 weights) "
+                         "is not supported; load the float16/bfloat16 checkpoint (quantization_bit=0)")
+    if hf.get("pre_seq_len") is not None:
+        raise LmzooError(f"{source}: pre_seq_len={hf['pre_seq_len']!r} (a P-tuning v2 prefix encoder) "
+                         "is not supported; merge or drop the prefix encoder (pre_seq_len=null)")
+
+
 def read_glm1_config(hf: dict, source: str = "config.json") -> dict:
     if hf.get("position_encoding_2d", True) is not True:
         raise LmzooError(f"{source}: position_encoding_2d={hf['position_encoding_2d']!r} (GLM's 1-D rotary) "
                          "is not implemented; lmzoo runs ChatGLM-6B's 2-D positions (position_encoding_2d=true)")
-    if hf.get("quantization_bit") not in (None, 0):
-        raise LmzooError(f"{source}: quantization_bit={hf['quantization_bit']!r} (THUDM's int4/int8 weights) "
-                         "is not supported; load the float16 checkpoint (quantization_bit=0)")
-    if hf.get("pre_seq_len") is not None:
-        raise LmzooError(f"{source}: pre_seq_len={hf['pre_seq_len']!r} (a P-tuning v2 prefix encoder) "
-                         "is not supported; merge or drop the prefix encoder (pre_seq_len=null)")
+    refuse_thudm_options(hf, source)
     d, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     if d % n_heads or (d // n_heads) % 4:
         raise LmzooError(f"{source}: hidden_size={d} / num_attention_heads={n_heads} must be a whole head "
