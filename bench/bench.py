@@ -23,6 +23,7 @@ import time
 import torch
 
 import lmzoo
+import llamacpp  # bench/llamacpp.py
 import quality  # bench/quality.py
 import training  # bench/training.py
 
@@ -42,7 +43,11 @@ class Lmzoo:
     name = "lmzoo"
 
     def __init__(self, model):
-        self.model = model
+        import copy
+        from lmzoo.inference import prepare_for_inference
+        self.plain = model  # as loaded: the source of the bf16/int8/int4 variants and the quality table
+        # What `lmzoo generate` and `lmzoo chat` run: q|k|v and gate|up fused, weights packed for oneDNN.
+        self.model = prepare_for_inference(copy.deepcopy(model))
 
     def logits(self, ids):
         return self.model(ids)
@@ -105,7 +110,7 @@ def decode(engine, args):
 def _decode_variant(mode):
     """lmzoo decoding in a cheaper weight format vs transformers decoding in fp32 (the issue's yardstick)."""
     def row(engine, args):
-        if engine.name == "transformers":
+        if engine.name != "lmzoo":  # transformers in fp32; llama.cpp in the GGUF's own 4/8-bit formats
             return decode(engine, args)
         t = time.perf_counter()
         new = variant(engine, mode).generate(args.decode_ids, args.new_tokens)[:, args.decode_ids.shape[1]:]
@@ -116,13 +121,13 @@ def _decode_variant(mode):
 
 
 def variant(engine, mode):
-    """The lmzoo model in bf16 or quantized (made once, kept)."""
+    """The lmzoo model in bf16 or quantized, prepared as `lmzoo generate --dtype/--quantize` does (made once, kept)."""
     import copy
-    from lmzoo.quant import quantize
+    from lmzoo.inference import prepare_for_inference
     cache = engine.__dict__.setdefault("variants", {})
     if mode not in cache:
-        m = copy.deepcopy(engine.model)
-        cache[mode] = m.to(torch.bfloat16) if mode == "bf16" else quantize(m, mode)
+        m = copy.deepcopy(engine.plain)
+        cache[mode] = prepare_for_inference(m.to(torch.bfloat16)) if mode == "bf16" else prepare_for_inference(m, mode)
     return cache[mode]
 
 
@@ -141,6 +146,10 @@ def decode_batch(engine, args):
         engine.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return 8 * n / (time.perf_counter() - t)
 
+
+# llama.cpp (when llama-cpp-python is installed) runs the rows that compare with it: prefill with
+# the last position's logits, and decoding from the same GGUF against lmzoo's 4-bit mode.
+LLAMACPP_ROWS = ("prefill_last", "decode_int4")
 
 ROWS = {"prefill": prefill, "prefill_last": prefill_last, "decode": decode,
         "decode_bf16": _decode_variant("bf16"), "decode_int8": _decode_variant("int8"),
@@ -248,7 +257,7 @@ def measure(row, engines, args):
         for r in range(args.repeats):              # alternate; flip the order every repeat
             for e in (engines if r % 2 == 0 else engines[::-1]):
                 runs[e.name].append(quiet_run(row, e, args))
-    fig = {"noisy": 0, "runs": 2 * args.repeats}
+    fig = {"noisy": 0, "runs": len(engines) * args.repeats}
     for name, v in runs.items():  # runs still noisy after the retries are left out, unless all are
         kept = [rate for rate, busy in v if busy <= NOISY] or [rate for rate, _ in v]
         fig[name] = {"median": statistics.median(kept), "best": max(kept), "runs": [rate for rate, _ in v],
@@ -293,6 +302,8 @@ def main(argv=None):
     p.add_argument("--retries", type=int, default=2, help="reruns of a run during which others were busy")
     p.add_argument("--quick", action="store_true", help="64-token prefill, 16 new tokens, 1 repeat, no waiting")
     p.add_argument("--no-quality", action="store_true", help="skip the quality table of the bf16/int8/int4 modes")
+    p.add_argument("--no-llamacpp", dest="llamacpp", action="store_false",
+                   help="leave llama.cpp out even when llama-cpp-python is installed")
     args = p.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if unknown := [r for r in rows if r not in ROWS]:
@@ -317,16 +328,27 @@ def main(argv=None):
         prompt_ids(tok, TEXT, 4 * 32).reshape(4, 32)
     diff = check_same_model(ours, theirs, args.prefill_ids)
     print(f"same model: max |logits(lmzoo) - logits(transformers)| = {diff:.2e} over {args.prefill_len} tokens")
+    peer = None
+    if args.llamacpp and llamacpp.available():
+        peer = llamacpp.LlamaCpp(lmzoo.default_model_path(), args.threads)
+    elif args.llamacpp:
+        print("llama.cpp: not measured (pip install -e .[bench] installs llama-cpp-python)")
 
-    print(f"\n{'row':<18}{'lmzoo tok/s':>14}{'transformers tok/s':>20}{'ratio':>8}{'ratio(best)':>13}{'noisy':>7}")
+    print(f"\n{'row':<18}{'lmzoo tok/s':>14}{'transformers tok/s':>20}{'ratio':>8}{'ratio(best)':>13}{'noisy':>7}"
+          + (f"{'llama.cpp tok/s':>17}{'vs llama.cpp':>14}" if peer else ""))
     results = {}
     for name in rows:
-        results[name] = fig = measure(ROWS[name], engines, args)
+        with_peer = engines + [peer] if peer is not None and name in LLAMACPP_ROWS else engines
+        results[name] = fig = measure(ROWS[name], with_peer, args)
         fig["ratio"] = fig["lmzoo"]["median"] / fig["transformers"]["median"]
         fig["ratio_best"] = fig["lmzoo"]["best"] / fig["transformers"]["best"]
         fig["what"] = ROWS[name].__doc__
-        print(f"{name:<18}{fig['lmzoo']['median']:>14.1f}{fig['transformers']['median']:>20.1f}"
-              f"{fig['ratio']:>8.2f}{fig['ratio_best']:>13.2f}{fig['noisy']:>5}/{fig['runs']}", flush=True)
+        line = (f"{name:<18}{fig['lmzoo']['median']:>14.1f}{fig['transformers']['median']:>20.1f}"
+                f"{fig['ratio']:>8.2f}{fig['ratio_best']:>13.2f}{fig['noisy']:>5}/{fig['runs']}")
+        if "llama.cpp" in fig:
+            fig["ratio_llamacpp"] = fig["lmzoo"]["median"] / fig["llama.cpp"]["median"]
+            line += f"{fig['llama.cpp']['median']:>17.1f}{fig['ratio_llamacpp']:>14.2f}"
+        print(line, flush=True)
     print(f"(medians of {args.repeats} alternating runs; ratio = lmzoo / transformers, above 1 = lmzoo faster;\n"
           " noisy = runs during which other processes kept > 0.2 core busy; left out of the figures)")
     if any(fig["noisy"] for fig in results.values()):  # 2-thread kernels stall when a core is taken
@@ -344,7 +366,7 @@ def main(argv=None):
 
     out = {"environment": env, "settings": notes, "rows": results}
     if not args.no_quality:
-        out["quality"] = quality.measure(ours.model, tok)
+        out["quality"] = quality.measure(ours.plain, tok)
         quality.print_table(out["quality"])
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)

@@ -20,7 +20,7 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5
 class Step:
     """What every layer needs to know about the current forward pass."""
 
-    rope: list | None  # rotary [(cos, sin)] tables, each [B, 1, T, rd/2]; None for learned positions
+    rope: list | None  # rotary [(C, S)] tables, each [B, T, 1, rd] (lmzoo.rope); None for learned positions
     query_scale: torch.Tensor | None  # [B, 1, T, 1] multiplier of the queries (logn attention), or None
     dense: tuple  # (mask, is_causal) of dense layers: mask boolean [B|1, 1, Tq, Tk] or None
     sparse: tuple | None  # the same for layers with a sparse pattern (GPT-3)
@@ -45,20 +45,25 @@ class Attention(nn.Module):
             self.v = nn.Linear(c.d_model, kv_out, bias=c.qkv_bias)
         self.o = nn.Linear(q_out, c.d_model, bias=c.o_bias)
 
-    def project(self, x: torch.Tensor):
+    def project(self, x: torch.Tensor, rope: list | None):
+        """q [B, H, T, D], k and v [B, Hkv, T, D], with q and k rotated."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.hd
         if hasattr(self, "qkv"):
-            return self.qkv(x).split(self.split, dim=-1)
-        return self.q(x), self.k(x), self.v(x)
+            qk, v = self.qkv(x).split((self.split[0] + self.split[1], self.split[2]), dim=-1)
+            qk = qk.view(B, T, H + Hkv, D)
+            if rope is not None:  # q's and k's heads turn together: one rotation, not two
+                qk = apply_rope(qk, rope, self.rope_pairing)
+            q, k = qk.split((H, Hkv), dim=2)
+        else:
+            q, k, v = self.q(x).view(B, T, H, D), self.k(x).view(B, T, Hkv, D), self.v(x)
+            if rope is not None:
+                q, k = apply_rope(q, rope, self.rope_pairing), apply_rope(k, rope, self.rope_pairing)
+        return q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, Hkv, D).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.project(x)
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        if self.rope_pairing is not None:
-            q = apply_rope(q, step.rope, self.rope_pairing)
-            k = apply_rope(k, step.rope, self.rope_pairing)
+        q, k, v = self.project(x, step.rope if self.rope_pairing is not None else None)
         if step.query_scale is not None:
             q = q * step.query_scale.to(q.dtype)
         if step.cache is not None:

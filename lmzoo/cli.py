@@ -146,16 +146,16 @@ def _version() -> str:
     return __version__
 
 
-def _load(args):
+def _load(args, inference: bool = True):
     from .checkpoint import load
 
     model, tokenizer = load(args.source, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None))
-    if getattr(args, "quantize", None):
-        from .peft import strip_lora
-        from .quant import quantize
+    if not inference:
+        return model, tokenizer
+    from .inference import prepare_for_inference
 
-        strip_lora(model)  # a LoRA adapter is folded into the weights before they are quantized
-        quantize(model.eval(), args.quantize)
+    # generate and chat only read the model: fuse, pack or quantize it (a LoRA adapter is folded in first)
+    prepare_for_inference(model, getattr(args, "quantize", None))
     return model, tokenizer
 
 
@@ -245,7 +245,7 @@ def cmd_info(args) -> None:
 def cmd_convert(args) -> None:
     from .checkpoint import save_hf_dir
 
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(args, inference=False)
     out = save_hf_dir(model, args.out_dir, tokenizer)
     print(f"wrote {out}")
 

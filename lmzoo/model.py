@@ -184,7 +184,7 @@ class Decoder(nn.Module):
         if c.positions == "learned":
             x = x + self.pos_emb(position_ids)
         elif c.positions.startswith("rope"):
-            rope = rope_tables(c, position_ids, seq_len=self._rope_length(key_valid, cache, start, T))
+            rope = rope_tables(c, position_ids, seq_len=self._rope_length(key_valid, cache, start, T), dtype=x.dtype)
         if c.logn_attention:
             query_scale = logn_scale(position_ids if position_ids.dim() == 2 else position_ids[0], c.max_seq_len)
 

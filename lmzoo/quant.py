@@ -84,37 +84,6 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
-def _fused(linears: list[nn.Linear]) -> nn.Linear:
-    """One nn.Linear whose output rows are the given layers' outputs, one after the other."""
-    first = linears[0]
-    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
-                      device=first.weight.device, dtype=first.weight.dtype)
-    fused.weight.data = torch.cat([m.weight.detach() for m in linears])
-    if first.bias is not None:
-        fused.bias.data = torch.cat([m.bias.detach() for m in linears])
-    return fused
-
-
-@torch.no_grad()
-def fuse_projections(model: nn.Module) -> nn.Module:
-    """Inference only: merge separate q, k, v into one `qkv` and gate, up into one `gate_up`
-    (the layouts the fused families already use), so a decoding step makes 4 matrix products
-    per block instead of 7. Only plain nn.Linear layers are merged (not LoRA-wrapped ones);
-    the parameter names change, so do this to a model you will not save or train."""
-    from .attention import Attention
-    from .mlp import MLP
-
-    for m in model.modules():
-        if isinstance(m, Attention) and not hasattr(m, "qkv") and all(type(getattr(m, n)) is nn.Linear for n in "qkv"):
-            m.qkv = _fused([m.q, m.k, m.v])
-            del m.q, m.k, m.v
-        elif isinstance(m, MLP) and m.gated and not hasattr(m, "gate_up") and \
-                type(m.gate) is nn.Linear and type(m.up) is nn.Linear:
-            m.gate_up = _fused([m.gate, m.up])
-            del m.gate, m.up
-    return model
-
-
 def _pack_int4(q: torch.Tensor, device) -> torch.Tensor:
     if device is not None and torch.device(device).type == "cuda":
         packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).to(device)
@@ -130,6 +99,8 @@ def quantize(model: nn.Module, mode: str = "int8", *, group_size: int = 32, head
     trainable weights. Attach and merge LoRA before quantizing, not after."""
     if mode not in MODES:
         raise LmzooError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    from .inference import fuse_projections
+
     fuse_projections(model)
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     for name, linear in targets:

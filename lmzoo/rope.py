@@ -58,36 +58,52 @@ def _llama3_scaling(inv: torch.Tensor, c: Config) -> torch.Tensor:
     return torch.where(in_band, smoothed, scaled)
 
 
-def rope_tables(c: Config, positions: torch.Tensor, seq_len: int | None = None) -> list[tuple]:
-    """[(cos, sin)] of position * frequency, each [B, 1, T, d/2] to broadcast over heads.
+def rope_tables(c: Config, positions: torch.Tensor, seq_len: int | None = None,
+                dtype: torch.dtype = torch.float32) -> list[tuple]:
+    """[(C, S)] tables, each [B, T, 1, rotated dims], to broadcast over the heads of x [B, T, H, D].
 
-    positions is [B, T], or [2, B, T] for 2-D rotary (GLM): one table per position stream."""
+    They are laid out so that one rotation is x * C + swap_pairs(x) * S (see rotate): C holds
+    cos(position * theta_i) at both dims of pair i, S holds -sin at the pair's first dim and
+    +sin at its second. Built once per forward pass (in fp32, then cast to `dtype`, as HF does)
+    and shared by every layer. positions is [B, T], or [2, B, T] for 2-D rotary (GLM): one
+    table per position stream."""
     inv = inverse_frequencies(c, seq_len).to(positions.device)
     if inv.dim() == 2:  # one set of frequencies per row
         inv = inv[:, None, None, :]
     streams = positions if positions.dim() == 3 else positions[None]
-    return [((p[:, None, :, None].float() * inv).cos(), (p[:, None, :, None].float() * inv).sin())
-            for p in streams]
+    tables = []
+    for p in streams:
+        angle = p[:, :, None, None].float() * inv  # [B, T, 1, rd/2]
+        cos, sin = angle.cos(), angle.sin()
+        if c.rope_pairing == "half":  # pairs (i, i + rd/2)
+            C, S = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+        else:  # interleaved pairs (2i, 2i + 1)
+            C, S = torch.stack((cos, cos), -1).flatten(-2), torch.stack((-sin, sin), -1).flatten(-2)
+        tables.append((C.to(dtype), S.to(dtype)))
+    return tables
 
 
 def apply_rope(x: torch.Tensor, tables: list[tuple], pairing: str) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by each table in turn; with two tables (GLM's 2-D rotary), the
+    """Rotate x [B, T, H, D] by each table in turn; with two tables (GLM's 2-D rotary), the
     first half of the head dims turns with the position, the second with the block position."""
     if len(tables) == 1:
         return rotate(x, *tables[0], pairing)
     chunks = x.chunk(len(tables), dim=-1)
-    return torch.cat([rotate(part, cos, sin, pairing) for part, (cos, sin) in zip(chunks, tables)], dim=-1)
+    return torch.cat([rotate(part, C, S, pairing) for part, (C, S) in zip(chunks, tables)], dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str) -> torch.Tensor:
-    """Rotate the first 2*cos.shape[-1] dims of x [B, H, T, D]; the rest pass through."""
-    rd = 2 * cos.shape[-1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    xr = x[..., :rd]
+def rotate(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, pairing: str) -> torch.Tensor:
+    """Rotate the first C.shape[-1] dims of x [B, T, H, D]; the rest pass through.
+
+    Each pair (a, b) becomes (a cos - b sin, b cos + a sin) = (a, b) * cos + (b, a) * (-sin, sin):
+    with the pair partners swapped, a rotation is two products and a sum, the same numbers as
+    the written-out form, in a handful of tensor ops instead of a dozen."""
+    rd = C.shape[-1]
+    xr = x if rd == x.shape[-1] else x[..., :rd]
     if pairing == "half":
-        x1, x2 = xr.chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        first, second = xr.chunk(2, dim=-1)
+        swapped = torch.cat((second, first), dim=-1)
     else:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        swapped = xr.unflatten(-1, (rd // 2, 2)).flip(-1).flatten(-2)
+    rotated = xr * C + swapped * S
     return rotated if rd == x.shape[-1] else torch.cat((rotated, x[..., rd:]), dim=-1)

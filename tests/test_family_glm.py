@@ -206,7 +206,7 @@ def test_rotary_is_thudm_chatglm_and_transformers_glm():
     positions = torch.arange(T).expand(2, T)
     c = Config(**hf_glm.read_chatglm_config(chatglm_config("glm4-gqa-rope-ratio-500")))
     assert (c.rope_dims, c.rope_pairing, c.rope_base) == (hd // 2, "interleaved", 10000.0 * rope_ratio)
-    ours = apply_rope(x, rope_tables(c, positions), c.rope_pairing)
+    ours = apply_rope(x.transpose(1, 2), rope_tables(c, positions), c.rope_pairing).transpose(1, 2)
     thudm = thudm_rope(x.transpose(1, 2), torch.arange(T), hd, rope_ratio).transpose(1, 2)
     glm = transformers.models.glm.modeling_glm
     hf_config = transformers.GlmConfig(hidden_size=48, num_attention_heads=3, head_dim=hd,

@@ -277,9 +277,9 @@ def captured(monkeypatch):
     seen = {"positions": [], "masks": []}
     rope_tables, sdpa = lmzoo_model.rope_tables, lmzoo_attention.sdpa
 
-    def record_rope(c, positions, seq_len=None):
+    def record_rope(c, positions, **kw):
         seen["positions"].append(positions.clone())
-        return rope_tables(c, positions, seq_len=seq_len)
+        return rope_tables(c, positions, **kw)
 
     def record_sdpa(q, k, v, mask, is_causal):
         seen["masks"].append((mask, is_causal))

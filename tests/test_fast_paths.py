@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import lmzoo
 from lmzoo.model import ChunkedHeadCrossEntropy, RMSNorm
-from lmzoo.quant import Int4Linear, Int8Linear, fuse_projections, quantize
+from lmzoo.inference import PackedLinear, fuse_projections, prepare_for_inference
+from lmzoo.quant import Int4Linear, Int8Linear, quantize
 
 
 def small(name="smollm2-135m", **kw):
@@ -159,3 +160,36 @@ def test_cache_validity_flag_follows_padding():
     with torch.no_grad():
         model(torch.tensor([[4, 5, 6], [4, 5, 6]]), attention_mask=torch.ones(2, 3, dtype=torch.long), cache=cache)
     assert cache.all_valid is True
+
+
+@pytest.mark.skipif(not PackedLinear.supports(torch.nn.Linear(2, 2)), reason="this torch has no oneDNN matmul")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_equals_linear(dtype):
+    """A PackedLinear computes F.linear with the same weight: fp32 to 1e-5, bf16 to bf16 rounding;
+    for one row (decoding) and many (prefill), with a bias, and it keeps the caller's dtype."""
+    if dtype == torch.bfloat16 and not PackedLinear.supports(torch.nn.Linear(2, 2, dtype=dtype)):
+        pytest.skip("this CPU has no native bf16 matmul")
+    lin = torch.nn.Linear(96, 80, bias=True).to(dtype)
+    packed = PackedLinear(lin)
+    torch.testing.assert_close(packed.unpacked(), lin.weight.detach(), rtol=0, atol=0)
+    for rows in (1, 37):
+        x = torch.randn(2, rows, 96, dtype=dtype)
+        with torch.no_grad():
+            tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(packed(x), lin(x), **tol)
+    assert packed(torch.randn(3, 96)).dtype == torch.float32 or dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2-7b", "chatglm3-6b", "gpt2"])
+def test_prepared_model_equals_plain(name):
+    """prepare_for_inference (fused projections, packed weights) changes fp32 logits by < 1e-4,
+    for a prefill and for cached decoding, and greedy generation gives the same tokens."""
+    model = small(name, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=128)
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        ref = model(ids)
+        fast = prepare_for_inference(copy.deepcopy(model))
+        torch.testing.assert_close(fast(ids), ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(fast.generate(ids, 6), model.generate(ids, 6))
+    packed = [m for m in fast.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 1 + 4 * 2 if PackedLinear.supports(torch.nn.Linear(2, 2)) else not packed

@@ -1,0 +1,120 @@
+"""Make a loaded model fast for inference, without changing what it computes.
+
+    prepare_for_inference(model)            # fuse, then pack the weights for the CPU's matmul library
+    prepare_for_inference(model, "int8")    # fuse, then quantize (lmzoo.quant) instead of packing
+
+Decoding one token reads every weight once, so it is bound by memory bandwidth and by the
+overhead of each call. Three things help, in this order:
+
+1. fuse_projections: q|k|v and gate|up become one matrix each (the layout Qwen1 and ChatGLM
+   already use): 4 matrix products per block instead of 7.
+2. PackedLinear: the weight is rearranged once into the blocked layout oneDNN reads fastest.
+   A matrix-vector product then streams memory at ~26 GB/s here instead of the ~11 GB/s of the
+   default (MKL) path, and large products (prefill) gain 10-25% too.
+3. quantization (lmzoo.quant) moves fewer bytes per weight.
+
+The result is for inference only: the parameter names change, packed weights cannot be saved
+or trained, and an attached LoRA adapter is merged into the weights first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b, with W stored in oneDNN's blocked layout (an opaque `torch._mkldnn` tensor).
+
+    The same sums as nn.Linear in another order: outputs differ from F.linear by fp32 rounding
+    (~1e-6 relative). bf16 weights take bf16 inputs, as nn.Linear would."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        self.dtype = w.dtype
+        # The packed tensor is opaque (no strides, no storage to save): a plain attribute, not a buffer.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    @staticmethod
+    def supports(linear: nn.Module) -> bool:
+        """A plain CPU nn.Linear in fp32 (or bf16 where the CPU computes bf16 natively)."""
+        if type(linear) is not nn.Linear or linear.weight.device.type != "cpu":
+            return False
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return False
+        dtype = linear.weight.dtype
+        return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != self.dtype:
+            x2 = x2.to(self.dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [None], "")
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def unpacked(self) -> torch.Tensor:
+        """The weight as a plain [out, in] tensor (for tests and inspection)."""
+        eye = torch.eye(self.in_features, dtype=self.dtype)
+        return torch.ops.mkldnn._linear_pointwise(eye, self.packed, None, "none", [None], "").t().contiguous()
+
+
+def _fused(linears: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose output rows are the given layers' outputs, one after the other."""
+    first = linears[0]
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    fused.weight.data = torch.cat([m.weight.detach() for m in linears])
+    if first.bias is not None:
+        fused.bias.data = torch.cat([m.bias.detach() for m in linears])
+    return fused
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Merge separate q, k, v into one `qkv` and gate, up into one `gate_up` (the layouts the
+    fused families already use), so a block makes 4 matrix products instead of 7. Only plain
+    nn.Linear layers are merged (not LoRA-wrapped ones)."""
+    from .attention import Attention
+    from .mlp import MLP
+
+    for m in model.modules():
+        if isinstance(m, Attention) and not hasattr(m, "qkv") and all(type(getattr(m, n)) is nn.Linear for n in "qkv"):
+            m.qkv = _fused([m.q, m.k, m.v])
+            del m.q, m.k, m.v
+        elif isinstance(m, MLP) and m.gated and not hasattr(m, "gate_up") and \
+                type(m.gate) is nn.Linear and type(m.up) is nn.Linear:
+            m.gate_up = _fused([m.gate, m.up])
+            del m.gate, m.up
+    return model
+
+
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Replace every packable nn.Linear (see PackedLinear.supports) by a PackedLinear, in place.
+    MoE routers stay exact nn.Linear: their scores pick experts."""
+    for name, m in list(model.named_modules()):
+        if name.endswith("router") or not PackedLinear.supports(m):
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, PackedLinear(m))
+    return model
+
+
+@torch.no_grad()
+def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:
+    """Fuse projections, then quantize (`quantize` = "int8" or "int4") or pack the weights.
+    In place; returns the model in eval mode. A LoRA adapter is merged into the weights first."""
+    from .peft import strip_lora
+
+    strip_lora(model)
+    model.eval()
+    fuse_projections(model)
+    if quantize:
+        from .quant import quantize as quantize_weights
+
+        return quantize_weights(model, quantize)
+    return pack_linears(model)
