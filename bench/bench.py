@@ -243,10 +243,15 @@ def load_engines():
 
 
 def check_same_model(ours, theirs, ids):
+    """The loaded models agree exactly (same weights, same sums); the prepared (packed) one within
+    fp32 summation order."""
     with torch.inference_mode():
-        diff = (ours.logits(ids) - theirs.logits(ids)).abs().max().item()
+        plain = ours.plain(ids)
+        diff = (plain - theirs.logits(ids)).abs().max().item()
+        packed = (ours.logits(ids) - plain).abs().max().item()
     assert diff < 1e-4, f"the engines disagree: max |logits diff| = {diff:.3g}"
-    return diff
+    assert packed < 1e-3 * plain.abs().max().item(), f"packed weights change logits by {packed:.3g}"
+    return diff, packed
 
 
 def measure(row, engines, args):
@@ -326,8 +331,9 @@ def main(argv=None):
     args.tok_pad = 0
     args.train_ids = prompt_ids(tok, TEXT, 4 * 256).reshape(4, 256) if not args.quick else \
         prompt_ids(tok, TEXT, 4 * 32).reshape(4, 32)
-    diff = check_same_model(ours, theirs, args.prefill_ids)
-    print(f"same model: max |logits(lmzoo) - logits(transformers)| = {diff:.2e} over {args.prefill_len} tokens")
+    diff, packed = check_same_model(ours, theirs, args.prefill_ids)
+    print(f"same model: max |logits(lmzoo) - logits(transformers)| = {diff:.2e} over {args.prefill_len} tokens; "
+          f"packed for inference: {packed:.2e}")
     peer = None
     if args.llamacpp and llamacpp.available():
         peer = llamacpp.LlamaCpp(lmzoo.default_model_path(), args.threads)
@@ -358,8 +364,8 @@ def main(argv=None):
     roofline(results, args)
 
     notes = {"prefill_len": args.prefill_len, "decode_prompt_len": args.decode_ids.shape[1], "repeats": args.repeats,
-             "new_tokens": args.new_tokens, "max_abs_logits_diff": diff, "lmzoo_path": os.path.dirname(lmzoo.__file__)}
-    if len(args.generated) == 2:
+             "new_tokens": args.new_tokens, "max_abs_logits_diff": diff, "max_abs_logits_diff_packed": packed, "lmzoo_path": os.path.dirname(lmzoo.__file__)}
+    if "lmzoo" in args.generated and "transformers" in args.generated:
         a, b = args.generated["lmzoo"], args.generated["transformers"]
         notes["decode_same_tokens"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         print(f"decode: the engines agree on the first {notes['decode_same_tokens']} of {args.new_tokens} new tokens")
