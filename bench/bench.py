@@ -158,21 +158,45 @@ ROWS = {"prefill": prefill, "prefill_last": prefill_last, "decode": decode,
 
 
 # ---------------------------------------------------------------------------------- harness
-MATVEC_GBS, MATMUL_GFLOPS = 25.0, 165.0  # the issue's measurements of this machine (2 cores, fp32)
 N_PARAMS = 134.5e6  # SmolLM2-135M: weights read once per decoded token (fp32: 4 bytes each)
 
 
-def roofline(results, args):
+def measure_machine():
+    """This machine's ceilings, with the benchmark's thread count: memory bandwidth as the best
+    fp32 matrix-vector product over a 256 MB matrix (oneDNN's packed kernel and MKL's), and fp32
+    matmul FLOP/s of a 2048^3 product."""
+    def best(fn, n=5):
+        fn()
+        return min(timed for timed in (_time(fn) for _ in range(n)))
+    with torch.inference_mode():
+        w = torch.randn(4096 * 16, 1024)
+        x = torch.randn(1, 1024)
+        seconds = best(lambda: x @ w.t())
+        if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            seconds = min(seconds, best(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")))
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        flops = 2 * 2048 ** 3 / best(lambda: a @ b)
+    return {"matvec_gbs": w.numel() * 4 / seconds / 1e9, "matmul_gflops": flops / 1e9}
+
+
+def _time(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def roofline(results, machine):
     """Fractions of the machine's ceilings: decode bytes/s vs memory bandwidth, prefill and
     training FLOP/s vs fp32 matmul FLOP/s (2 FLOPs per weight per token, 6 for training)."""
     bytes_per_weight = {"decode": 4, "decode_bf16": 2, "decode_int8": 1, "decode_int4": 0.5}
     for name, fig in results.items():
         rate = fig["lmzoo"]["median"]
         if name in bytes_per_weight:
-            frac = rate * N_PARAMS * bytes_per_weight[name] / 1e9 / MATVEC_GBS
+            frac = rate * N_PARAMS * bytes_per_weight[name] / 1e9 / machine["matvec_gbs"]
             what = "of memory bandwidth"
         elif name.startswith("prefill") or name == "train_full":
-            frac = rate * N_PARAMS * (6 if name.startswith("train") else 2) / 1e9 / MATMUL_GFLOPS
+            frac = rate * N_PARAMS * (6 if name.startswith("train") else 2) / 1e9 / machine["matmul_gflops"]
             what = "of fp32 matmul FLOP/s"
         else:
             continue
@@ -361,7 +385,11 @@ def main(argv=None):
         print("note: some runs were noisy; rerun on a quieter machine if many were", file=sys.stderr)
 
     peak_memory(rows, engines, args, results)
-    roofline(results, args)
+    wait_quiet(args.wait)
+    env["measured"] = machine = measure_machine()
+    print(f"\nthis machine, {args.threads} threads: matrix-vector {machine['matvec_gbs']:.1f} GB/s, "
+          f"fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s")
+    roofline(results, machine)
 
     notes = {"prefill_len": args.prefill_len, "decode_prompt_len": args.decode_ids.shape[1], "repeats": args.repeats,
              "new_tokens": args.new_tokens, "max_abs_logits_diff": diff, "max_abs_logits_diff_packed": packed, "lmzoo_path": os.path.dirname(lmzoo.__file__)}
