@@ -173,7 +173,7 @@ def measure_machine():
         x = torch.randn(1, 1024)
         seconds = best(lambda: x @ w.t())
         if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w)
             seconds = min(seconds, best(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")))
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
         flops = 2 * 2048 ** 3 / best(lambda: a @ b)

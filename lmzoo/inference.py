@@ -36,7 +36,9 @@ class PackedLinear(nn.Module):
         w = linear.weight.detach()
         self.dtype = w.dtype
         # The packed tensor is opaque (no strides, no storage to save): a plain attribute, not a buffer.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+        # No batch-size hint: the default layout is as fast as a batch-1 one for decoding, and much
+        # faster for batched decoding and prefill (measured: 40 vs 64 ms per 8-row step).
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     @staticmethod
