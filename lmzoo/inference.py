@@ -52,12 +52,10 @@ class PackedLinear(nn.Module):
         return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != self.dtype:
-            x2 = x2.to(self.dtype)
-        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [None], "")
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        if x.dtype == self.dtype:  # the usual case: one op, any number of leading dims
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [None], "")
+        return y.to(x.dtype)
 
     def unpacked(self) -> torch.Tensor:
         """The weight as a plain [out, in] tensor (for tests and inspection)."""
