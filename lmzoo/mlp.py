@@ -39,7 +39,31 @@ class MLP(nn.Module):
             gate, up = self.gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate(x), self.up(x)
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return self.down(Gated.apply(gate, up, self.act))
         return self.down(self.act(gate) * up)
+
+
+class Gated(torch.autograd.Function):
+    """act(gate) * up, saving only gate and up for backward: act(gate) is recomputed there
+    (one cheap elementwise op) instead of being held for every layer, which saves a
+    [tokens, d_ff] tensor per layer against plain autograd (it keeps gate, up and act(gate))."""
+
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        ctx.act = act
+        ctx.save_for_backward(gate, up)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            gate = gate.detach().requires_grad_(ctx.needs_input_grad[0])
+            a = ctx.act(gate)
+        grad_up = grad * a.detach() if ctx.needs_input_grad[1] else None
+        grad_gate = torch.autograd.grad(a, gate, grad * up)[0] if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up, None
 
 
 class MoE(nn.Module):

@@ -1,0 +1,141 @@
+"""The training fast paths equal the plain ones: LoRA's autograd Function against plain autograd
+ops, the gated MLP's recomputing backward against autograd's, values and gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+from lmzoo.mlp import ACTIVATIONS, Gated
+from lmzoo.peft.lora import LoraConfig, LoRAFunction, LoRALinear
+
+
+def lora_outputs(layer: LoRALinear, x: torch.Tensor, fast: bool, seed: int = 1):
+    """(y, dL/dx, dL/d every trainable parameter) of one forward and backward, fast or plain."""
+    for p in layer.parameters():
+        p.grad = None
+    x = x.detach().requires_grad_()
+    torch.manual_seed(seed)  # the same dropout mask both ways
+    h = layer.dropout(x)
+    keys = [name or "all" for name in layer.slices]
+    As, Bs = [layer.lora_A[k] for k in keys], [layer.lora_B[k] for k in keys]
+    if fast:
+        y = LoRAFunction.apply(x, h, layer.weight, layer.bias, layer.scale, list(layer.slices.values()), *As, *Bs)
+    else:
+        y = layer.plain_forward(x, h, As, Bs)
+    torch.manual_seed(2)
+    y.backward(torch.randn(y.shape).to(y.dtype))
+    return [y.detach(), x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+
+
+def make_lora(dtype, slices, bias=False, dropout=0.0, train_base=False):
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40, bias=bias).to(dtype)
+    layer = LoRALinear(base, LoraConfig(r=4, alpha=8, dropout=dropout), slices)
+    with torch.no_grad():
+        for B in layer.lora_B.values():
+            B.normal_(std=0.5)  # a fresh B is zero: make the update, and A's gradient, real
+    layer.weight.requires_grad_(train_base)
+    if bias:
+        layer.bias.requires_grad_(train_base)
+    return layer
+
+
+CASES = {  # slices, bias, dropout, base trains too
+    "whole": ({"": (0, 40)}, False, 0.0, False),
+    "slices of a fused matrix": ({"q": (0, 16), "v": (28, 12)}, True, 0.0, False),
+    "dropout": ({"": (0, 40)}, True, 0.3, False),
+    "base weight trains too": ({"": (0, 40)}, True, 0.0, True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lora_function_equals_plain_autograd_fp32(case):
+    """fp32: the same values and gradients to 1e-6 relative (only the summation order differs)."""
+    layer = make_lora(torch.float32, *CASES[case])
+    x = torch.randn(3, 7, 24)
+    fast, plain = lora_outputs(layer, x, True), lora_outputs(layer, x, False)
+    assert len(fast) == len(plain) > 3
+    for a, b in zip(fast, plain):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("case", ["whole", "slices of a fused matrix"])
+def test_lora_function_on_a_bf16_base_with_fp32_adapters(case):
+    """A bf16 base keeps fp32 adapters (and fp32 gradients for them); values and gradients are
+    within bf16 rounding of plain autograd's (which rounds the update once more)."""
+    layer = make_lora(torch.bfloat16, *CASES[case])
+    assert all(p.dtype == torch.float32 for n, p in layer.named_parameters() if "lora_" in n)
+    x = torch.randn(3, 7, 24).to(torch.bfloat16)
+    fast, plain = lora_outputs(layer, x, True), lora_outputs(layer, x, False)
+    for a, b in zip(fast, plain):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=2e-2 * b.abs().max().item())
+
+
+def test_lora_layer_uses_the_function_and_plain_ops_under_autocast():
+    layer = make_lora(torch.float32, {"": (0, 40)})
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    assert layer(x).grad_fn.name() == "LoRAFunctionBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.grad_fn.name() != "LoRAFunctionBackward" and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_recomputing_backward_equals_autograd(activation, dtype):
+    """act(gate) * up, recomputing act(gate) in backward: bit-identical values and gradients."""
+    act = ACTIVATIONS[activation]
+    torch.manual_seed(0)
+    gate = torch.randn(3, 7, 40).to(dtype).requires_grad_()
+    up = torch.randn(3, 7, 40).to(dtype).requires_grad_()
+    grad = torch.randn(3, 7, 40).to(dtype)
+    fast = Gated.apply(gate, up, act)
+    fast_grads = torch.autograd.grad(fast, (gate, up), grad)
+    plain = act(gate) * up
+    plain_grads = torch.autograd.grad(plain, (gate, up), grad)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gated_saves_only_gate_and_up():
+    """What autograd keeps for backward: gate and up, not act(gate) (the point of Gated)."""
+    saved = []
+    gate = torch.randn(4, 8, requires_grad=True)
+    up = torch.randn(4, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        Gated.apply(gate * 1, up * 1, ACTIVATIONS["silu"])
+    assert len(saved) == 2
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_lora_model_trains_with_the_same_gradients_as_plain_autograd(fused, monkeypatch):
+    """The whole decoder (LoRA on every linear, sliced on fused q|k|v and gate|up, the gated
+    MLP): the loss and every adapter gradient equal plain autograd's to fp32 rounding."""
+    import lmzoo
+    from lmzoo.peft import add_lora
+
+    def grads():
+        torch.manual_seed(0)
+        config = lmzoo.preset("smollm2-135m").replace(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48,
+                                                      vocab_size=97, init_std=0.3, fused_qkv=fused,
+                                                      fused_gate_up=fused)
+        model = lmzoo.from_config(config)
+        add_lora(model, LoraConfig(r=4, alpha=8, targets=("q", "k", "v", "o", "gate", "up", "down"),
+                                   init="gaussian"))
+        model.train()
+        loss = model.loss(torch.randint(0, 97, (2, 16)))
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fast_loss, fast = grads()
+    monkeypatch.setattr(LoRALinear, "forward", lambda self, x: self.plain_forward(
+        x, self.dropout(x), [self.lora_A[k or "all"] for k in self.slices], [self.lora_B[k or "all"] for k in self.slices]))
+    monkeypatch.setattr(Gated, "apply", lambda gate, up, act: act(gate) * up)
+    plain_loss, plain = grads()
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-6, atol=0)
+    assert fast.keys() == plain.keys() and len(fast) == 2 * 7 * 2
+    for n in fast:
+        torch.testing.assert_close(fast[n], plain[n], rtol=1e-5, atol=1e-6 * plain[n].abs().max().item())
