@@ -9,6 +9,11 @@ A step is one forward and backward pass in fp32 on a [4, 256] batch of token ids
     ptuning_v2  32 virtual tokens per layer, made by a projection MLP (P-tuning v2)
                   lmzoo: add_virtual(model, PrefixConfig(n_virtual=32, projection=True))
                   transformers: peft.PrefixTuningConfig(num_virtual_tokens=32, prefix_projection=True)
+    lora_bf16   lmzoo: the same LoRA in bf16 mixed precision, as `lmzoo finetune --dtype bfloat16`
+                  runs it: lmzoo.load(dtype=torch.bfloat16), so the frozen weights and the
+                  activations are bf16, while the adapters (and their gradients) stay fp32 and
+                  the loss is computed in fp32
+                transformers: the fp32 `lora` model (the issue's yardstick: transformers+peft fp32)
 
 Speed is timed in bench.py's process, like every row (`row(kind)`). Peak memory is measured
 in a fresh process per engine and kind (`peak_rss`), which loads the model, runs one step and
@@ -35,19 +40,20 @@ import time
 
 import torch
 
-KINDS = ("full", "lora", "ptuning_v2")
+KINDS = ("full", "lora", "ptuning_v2", "lora_bf16")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build(engine, kind, hf_dir=None):
-    """A fresh model of `engine` ("lmzoo" or "transformers") set up for `kind` training, fp32."""
+    """A fresh model of `engine` ("lmzoo" or "transformers") set up for `kind` training: fp32,
+    except lmzoo's lora_bf16."""
     with torch.inference_mode(False):
         if engine == "lmzoo":
             import lmzoo
             from lmzoo.peft import LoraConfig, PrefixConfig, add_lora, add_virtual
-            m = lmzoo.load()[0]
-            if kind == "lora":
+            m = lmzoo.load(dtype=torch.bfloat16 if kind == "lora_bf16" else None)[0]
+            if kind in ("lora", "lora_bf16"):
                 add_lora(m, LoraConfig(r=8, alpha=16, targets=LORA_TARGETS))
             elif kind == "ptuning_v2":
                 add_virtual(m, PrefixConfig(n_virtual=32, projection=True))
@@ -55,7 +61,7 @@ def build(engine, kind, hf_dir=None):
             import peft
             from transformers import AutoModelForCausalLM
             m = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-            if kind == "lora":
+            if kind in ("lora", "lora_bf16"):  # the yardstick of lora_bf16 is fp32
                 m = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, target_modules=HF_LORA_TARGETS))
             elif kind == "ptuning_v2":
                 m = peft.get_peft_model(m, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=32,
@@ -87,8 +93,9 @@ def row(kind):
         t = time.perf_counter()
         step(engine.name, engine.trainable[1], args.train_ids)
         return args.train_ids.numel() / (time.perf_counter() - t)
-    timed.__doc__ = (f"one {kind} training step (forward + backward, fp32, no optimizer) on 4x256 tokens; tokens/s "
-                     "(peak RSS of loading + one step, in a fresh process per engine: `peak_memory`)")
+    precision = "lmzoo bf16 mixed precision vs transformers fp32" if kind == "lora_bf16" else "fp32"
+    timed.__doc__ = (f"one {kind} training step (forward + backward, {precision}, no optimizer) on 4x256 tokens; "
+                     "tokens/s (peak RSS of loading + one step, in a fresh process per engine: `peak_memory`)")
     return timed
 
 

@@ -139,3 +139,34 @@ def test_a_lora_model_trains_with_the_same_gradients_as_plain_autograd(fused, mo
     assert fast.keys() == plain.keys() and len(fast) == 2 * 7 * 2
     for n in fast:
         torch.testing.assert_close(fast[n], plain[n], rtol=1e-5, atol=1e-6 * plain[n].abs().max().item())
+
+
+def test_bf16_lora_training_tracks_the_fp32_loss_curve(tmp_path):
+    """bf16 mixed precision as `lmzoo finetune --dtype bfloat16 --method lora` runs it: the
+    frozen base in bf16, the adapters, their gradients and AdamW's state in fp32. Over 12
+    steps its loss stays within 5% of the fp32 run's at every step (the same data, seed and
+    initial adapter; measured: within 3% at lr 2e-2), and it falls as fp32's does."""
+    import json
+
+    from test_train import RECORDS
+    from tiny import smollm_tokenizer, tiny_model
+
+    from lmzoo.train import TrainConfig, finetune
+
+    tok = smollm_tokenizer()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 3))
+    curves = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model().to(dtype)
+        result = finetune(model, tok, str(data), str(tmp_path / str(dtype)),
+                          lora=LoraConfig(r=4, alpha=8, targets=("q", "k", "v", "o", "gate", "up", "down")),
+                          train=TrainConfig(steps=12, lr=2e-2, batch_size=4, seed=1, progress=False, warmup_steps=2))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(p.dtype == torch.float32 for p in trainable)
+        assert all(p.dtype == dtype for n, p in model.named_parameters() if not p.requires_grad)
+        curves[dtype] = [m["loss"] for m in result.metrics]
+    fp32, bf16 = curves[torch.float32], curves[torch.bfloat16]
+    for a, b in zip(fp32, bf16):
+        assert abs(a - b) < 0.05 * a
+    assert bf16[-1] < 0.7 * bf16[0] and fp32[-1] < 0.7 * fp32[0]
