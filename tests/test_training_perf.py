@@ -170,3 +170,29 @@ def test_bf16_lora_training_tracks_the_fp32_loss_curve(tmp_path):
     for a, b in zip(fp32, bf16):
         assert abs(a - b) < 0.05 * a
     assert bf16[-1] < 0.7 * bf16[0] and fp32[-1] < 0.7 * fp32[0]
+
+
+def test_large_blocks_go_back_to_the_os_when_freed():
+    """After unmap_large_blocks (which lmzoo's Trainer calls), freeing blocks of 1 MiB or more
+    lowers the RSS at once, even between small blocks that stay and after glibc would have
+    raised its mmap threshold (without the setting, none of the 64 MiB comes back here)."""
+    import platform
+
+    from lmzoo.train.memory import unmap_large_blocks
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+
+    def rss():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    torch.ones(4 << 20)  # a freed 16 MiB block: glibc's dynamic threshold rises to 16 MiB
+    assert unmap_large_blocks()
+    blocks, small = [], []
+    for _ in range(16):  # 4 MiB blocks, each followed by a small one that stays
+        blocks.append(torch.ones(1 << 20))
+        small.append(torch.ones(16 << 10))
+    held = rss()
+    del blocks
+    assert held - rss() > 48 << 20
