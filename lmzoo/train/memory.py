@@ -19,7 +19,8 @@ def unmap_large_blocks(threshold: int = 1 << 20) -> bool:
     of SmolLM2-135M on 4x256 tokens peaked 600 MB above the memory it held, by an amount that
     changed from run to run (transformers+peft: 800 MB). With large blocks unmapped on free,
     the peak is what the step holds. The step ran no slower (page faults are cheap next to
-    the matmuls that fill the pages)."""
+    the matmuls that fill the pages). glibc still serves a large block from a free chunk of
+    its heap that fits, so this works best before training starts (the Trainer calls it)."""
     if platform.libc_ver()[0] != "glibc":
         return False
     return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold))
