@@ -29,14 +29,6 @@ prints one line of JSON (sizes in bytes):
     load_peak_rss, loaded_rss   VmHWM and VmRSS when the model is loaded, before the step
 Both peaks are absolute (the weights, the interpreter and the libraries included), not added
 memory.
-
-lmzoo's process makes the setting lmzoo's Trainer makes: lmzoo.train.memory.unmap_large_blocks(),
-so glibc gives every block of 1 MiB or more its own mapping and returns it to the OS when it is
-freed. With glibc's defaults, a step's freed activations stay resident in a fragmented heap and
-its peak is several hundred MB above what it holds, by an amount that changes from run to run.
-transformers runs with glibc's defaults, as its own Trainer does; under the same setting its
-peaks fall too (measured here: LoRA 3720 -> 2912 MB, full 3010 -> 2784 MB, P-tuning v2
-2561..2801 -> 2667 MB).
 """
 import argparse
 import gc
@@ -60,8 +52,6 @@ def build(engine, kind, hf_dir=None):
         if engine == "lmzoo":
             import lmzoo
             from lmzoo.peft import LoraConfig, PrefixConfig, add_lora, add_virtual
-            from lmzoo.train.memory import unmap_large_blocks
-            unmap_large_blocks()  # the process setting lmzoo's Trainer makes (see the top)
             m = lmzoo.load(dtype=torch.bfloat16 if kind == "lora_bf16" else None)[0]
             if kind in ("lora", "lora_bf16"):
                 add_lora(m, LoraConfig(r=8, alpha=16, targets=LORA_TARGETS))

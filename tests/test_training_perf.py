@@ -171,39 +171,3 @@ def test_bf16_lora_training_tracks_the_fp32_loss_curve(tmp_path):
         assert abs(a - b) < 0.05 * a
     assert bf16[-1] < 0.7 * bf16[0] and fp32[-1] < 0.7 * fp32[0]
 
-
-RETURNED = """
-import torch
-from lmzoo.train.memory import unmap_large_blocks
-
-def rss():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-torch.ones(4 << 20)  # a freed 16 MiB block: glibc's dynamic mmap threshold rises to 16 MiB
-if {unmap}:
-    assert unmap_large_blocks()
-blocks, small = [], []
-for _ in range(16):  # 4 MiB blocks, each followed by a small one that stays
-    blocks.append(torch.ones(1 << 20))
-    small.append(torch.ones(16 << 10))
-held = rss()
-del blocks
-print((held - rss()) >> 20)
-"""
-
-
-def test_large_blocks_go_back_to_the_os_when_freed():
-    """After unmap_large_blocks (which lmzoo's Trainer calls), freeing blocks of 1 MiB or more
-    lowers the RSS at once, even between small blocks that stay and after glibc has raised
-    its mmap threshold; without it, none of the 64 MiB comes back. In fresh processes: blocks
-    are unmapped only when the heap holds no free chunk that fits them."""
-    import platform
-    import subprocess
-    import sys
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only")
-    returned = [int(subprocess.run([sys.executable, "-c", RETURNED.format(unmap=unmap)], capture_output=True,
-                                   text=True, check=True).stdout) for unmap in (True, False)]
-    assert returned[0] >= 60 and returned[1] < 16

@@ -30,7 +30,6 @@ import torch
 from ..atomic import atomic_dir
 from ..errors import LmzooError
 from .data import IGNORE, Example, collate
-from .memory import unmap_large_blocks
 
 CHECKPOINT = "checkpoint"
 
@@ -65,7 +64,6 @@ class Trainer:
                  val: list[Example] | None = None, world=None):
         if cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise LmzooError("batch size and gradient accumulation must be >= 1")
-        unmap_large_blocks()  # a step's peak memory is then what it holds (see lmzoo.train.memory)
         self.model, self.train_set, self.val_set, self.cfg = model, train, val or [], cfg
         self.pad_id, self.out_dir = pad_id, out_dir
         self.world = world  # lmzoo.train.distributed.World, or None for one process
