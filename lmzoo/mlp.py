@@ -53,7 +53,7 @@ class Gated(torch.autograd.Function):
     def forward(ctx, gate, up, act):
         ctx.act = act
         ctx.save_for_backward(gate, up)
-        return act(gate) * up
+        return act(gate).mul_(up)  # act(gate) is a fresh tensor: no second temporary
 
     @staticmethod
     def backward(ctx, grad):
