@@ -107,53 +107,71 @@ def decode(engine, args):
     return args.new_tokens / s
 
 
-def _decode_variant(mode):
-    """lmzoo decoding in a cheaper weight format vs transformers decoding in fp32 (the issue's yardstick)."""
+def _decode_variant(mode, compile=False):
+    """lmzoo decoding in a cheaper weight format (or compiled) vs transformers decoding in fp32
+    (the issue's yardstick)."""
     def row(engine, args):
         if engine.name != "lmzoo":  # transformers in fp32; llama.cpp in the GGUF's own 4/8-bit formats
             return decode(engine, args)
         t = time.perf_counter()
-        new = variant(engine, mode).generate(args.decode_ids, args.new_tokens)[:, args.decode_ids.shape[1]:]
+        new = variant(engine, mode, compile).generate(args.decode_ids, args.new_tokens)[:, args.decode_ids.shape[1]:]
         assert new.shape[1] == args.new_tokens
         return args.new_tokens / (time.perf_counter() - t)
-    row.__doc__ = f"decode as above, lmzoo with {mode} weights, transformers in fp32"
+    how = ("compiled decode step, " if compile else "") + f"{mode} weights"
+    row.__doc__ = f"decode as above, lmzoo with {how}, transformers in fp32"
     return row
 
 
-def variant(engine, mode):
-    """The lmzoo model in bf16 or quantized, prepared as `lmzoo generate --dtype/--quantize` does (made once, kept)."""
+def variant(engine, mode, compile=False):
+    """The lmzoo model in fp32, bf16 or quantized, prepared as `lmzoo generate --dtype/--quantize
+    [--compile]` does (made once, kept). A compiled one is compiled here, by a short untimed
+    generate, and the compile time is kept in engine.compile_seconds."""
     import copy
     from lmzoo.inference import prepare_for_inference
     cache = engine.__dict__.setdefault("variants", {})
-    if mode not in cache:
+    if (mode, compile) not in cache:
         m = copy.deepcopy(engine.plain)
-        cache[mode] = prepare_for_inference(m.to(torch.bfloat16)) if mode == "bf16" else prepare_for_inference(m, mode)
-    return cache[mode]
+        if mode == "bf16":
+            m = m.to(torch.bfloat16)
+        m = prepare_for_inference(m, mode if mode in ("int8", "int4") else None, compile=compile)
+        if compile:
+            t = time.perf_counter()
+            m.generate(torch.tensor([[1, 2, 3]]), 2)
+            engine.__dict__.setdefault("compile_seconds", {})[mode] = time.perf_counter() - t
+        cache[mode, compile] = m
+    return cache[mode, compile]
 
 
-def decode_batch(engine, args):
-    """8 prompts of different lengths (left-padded), 32 greedy new tokens each (8 with --quick); new tokens / s."""
-    n = args.new_tokens // 4
-    prompts = [args.decode_ids[0, :k].tolist() for k in (37, 30, 25, 20, 16, 12, 8, 5)]
-    t = time.perf_counter()
-    if engine.name == "lmzoo":
-        engine.model.generate(prompts, n)
-    else:
-        tok = args.tok_pad
-        width = max(map(len, prompts))
-        ids = torch.tensor([[tok] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        engine.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return 8 * n / (time.perf_counter() - t)
+def _decode_batch(compile=False):
+    def row(engine, args):
+        n = args.new_tokens // 4
+        prompts = [args.decode_ids[0, :k].tolist() for k in (37, 30, 25, 20, 16, 12, 8, 5)]
+        t = time.perf_counter()
+        if engine.name == "lmzoo":
+            (variant(engine, "fp32", compile) if compile else engine.model).generate(prompts, n)
+        else:
+            tok = args.tok_pad
+            width = max(map(len, prompts))
+            ids = torch.tensor([[tok] * (width - len(p)) + p for p in prompts])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            engine.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return 8 * n / (time.perf_counter() - t)
+    row.__doc__ = ("8 prompts of different lengths (left-padded), 32 greedy new tokens each (8 with --quick); "
+                   "new tokens / s" + (", lmzoo with its compiled decode step" if compile else ""))
+    return row
 
 
 # llama.cpp (when llama-cpp-python is installed) runs the rows that compare with it: prefill with
 # the last position's logits, and decoding from the same GGUF against lmzoo's 4-bit mode.
-LLAMACPP_ROWS = ("prefill_last", "decode_int4")
+LLAMACPP_ROWS = ("prefill_last", "decode_int4", "decode_int4_compiled")
 
 ROWS = {"prefill": prefill, "prefill_last": prefill_last, "decode": decode,
         "decode_bf16": _decode_variant("bf16"), "decode_int8": _decode_variant("int8"),
-        "decode_int4": _decode_variant("int4"), "decode_batch": decode_batch,
+        "decode_int4": _decode_variant("int4"), "decode_batch": _decode_batch(),
+        # The same with `--compile` (lmzoo.compiled); compiling is done, and timed, before the runs.
+        **{f"decode{'' if m == 'fp32' else '_' + m}_compiled": _decode_variant(m, compile=True)
+           for m in ("fp32", "bf16", "int8", "int4")},
+        "decode_batch_compiled": _decode_batch(compile=True),
         **{f"train_{kind}": training.row(kind) for kind in training.KINDS}}
 
 
@@ -191,9 +209,9 @@ def roofline(results, machine):
     training FLOP/s vs fp32 matmul FLOP/s (2 FLOPs per weight per token, 6 for training)."""
     bytes_per_weight = {"decode": 4, "decode_bf16": 2, "decode_int8": 1, "decode_int4": 0.5}
     for name, fig in results.items():
-        rate = fig["lmzoo"]["median"]
-        if name in bytes_per_weight:
-            frac = rate * N_PARAMS * bytes_per_weight[name] / 1e9 / machine["matvec_gbs"]
+        rate, kind = fig["lmzoo"]["median"], name.removesuffix("_compiled")
+        if kind in bytes_per_weight:
+            frac = rate * N_PARAMS * bytes_per_weight[kind] / 1e9 / machine["matvec_gbs"]
             what = "of memory bandwidth"
         elif name.startswith("prefill") or name == "train_full":
             frac = rate * N_PARAMS * (6 if name.startswith("train") else 2) / 1e9 / machine["matmul_gflops"]
@@ -201,7 +219,7 @@ def roofline(results, machine):
         else:
             continue
         fig["roofline"] = frac
-        print(f"roofline {name:<14}{100 * frac:6.1f}% {what}")
+        print(f"roofline {name:<22}{100 * frac:6.1f}% {what}")
 
 
 def environment():
@@ -379,6 +397,10 @@ def main(argv=None):
             fig["ratio_llamacpp"] = fig["lmzoo"]["median"] / fig["llama.cpp"]["median"]
             line += f"{fig['llama.cpp']['median']:>17.1f}{fig['ratio_llamacpp']:>14.2f}"
         print(line, flush=True)
+    if compiled := getattr(ours, "compile_seconds", None):
+        notes_compile = {m: round(t, 1) for m, t in compiled.items()}
+        print("compiling the decode step took (s, once per model, before the timed runs):",
+              ", ".join(f"{m} {t}" for m, t in notes_compile.items()))
     print(f"(medians of {args.repeats} alternating runs; ratio = lmzoo / transformers, above 1 = lmzoo faster;\n"
           " noisy = runs during which other processes kept > 0.2 core busy; left out of the figures)")
     if any(fig["noisy"] for fig in results.values()):  # 2-thread kernels stall when a core is taken
@@ -392,7 +414,8 @@ def main(argv=None):
     roofline(results, machine)
 
     notes = {"prefill_len": args.prefill_len, "decode_prompt_len": args.decode_ids.shape[1], "repeats": args.repeats,
-             "new_tokens": args.new_tokens, "max_abs_logits_diff": diff, "max_abs_logits_diff_packed": packed, "lmzoo_path": os.path.dirname(lmzoo.__file__)}
+             "new_tokens": args.new_tokens, "compile_seconds": getattr(ours, "compile_seconds", {}),
+             "max_abs_logits_diff": diff, "max_abs_logits_diff_packed": packed, "lmzoo_path": os.path.dirname(lmzoo.__file__)}
     if "lmzoo" in args.generated and "transformers" in args.generated:
         a, b = args.generated["lmzoo"], args.generated["transformers"]
         notes["decode_same_tokens"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))

@@ -74,6 +74,8 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
     # The prompt's logits are needed at its last position only: apply the head there alone.
+    # A model prepared with compile=True decodes through its compiled step (lmzoo.compiled).
+    step = getattr(model, "decode_step", None) or (lambda ids, cache: model(ids, cache=cache))
     hidden = model.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, prefix_len=prefix_len)
     logits = model.lm_head(hidden[:, -1])
     for _ in range(max_new_tokens):
@@ -85,7 +87,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
             if bool(done.all()):
                 return
         # Positions continue from the cache's record of real tokens, so padded rows stay aligned.
-        logits = model(token.clamp(min=0)[:, None], cache=cache)[:, -1]
+        logits = step(token.clamp(min=0)[:, None], cache)[:, -1]
 
 
 def generate(model, input_ids, max_new_tokens: int = 64, *, pad_id: int | None = None, **options):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import lmzoo
 from lmzoo.model import ChunkedHeadCrossEntropy, RMSNorm
+from lmzoo.generate import left_pad
 from lmzoo.inference import PackedLinear, fuse_projections, prepare_for_inference
 from lmzoo.quant import Int4Linear, Int8Linear, quantize
 
@@ -193,3 +194,42 @@ def test_prepared_model_equals_plain(name):
         assert torch.equal(fast.generate(ids, 6), model.generate(ids, 6))
     packed = [m for m in fast.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 1 + 4 * 2 if PackedLinear.supports(torch.nn.Linear(2, 2)) else not packed
+
+
+def test_compiled_decode_step_equals_eager():
+    """The compiled decode step (lmzoo.compiled) against the eager one, on packed fp32 and then on
+    int4 weights in the same process (two compiled models must never share a graph): every step's
+    logits to 1e-4 and the same greedy tokens, for a left-padded batch (padding masks inside the
+    graph) and then a single prompt (another batch size, the same graph)."""
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,)).tolist() for n in (9, 4)]
+    padded, padding = left_pad(prompts)
+    for quantize in (None, "int4"):
+        model = small()
+        eager = prepare_for_inference(copy.deepcopy(model), quantize)
+        compiled = prepare_for_inference(copy.deepcopy(model), quantize, compile=True)
+        for ids, mask in ((padded, padding), (padded[:1], None)):
+            caches = [m.new_cache(ids.shape[0], ids.shape[1] + 8) for m in (eager, compiled)]
+            with torch.inference_mode():
+                tokens = [eager.lm_head(eager.hidden_states(ids, attention_mask=mask, cache=c)[:, -1]).argmax(-1)
+                          for c in caches]
+                for _ in range(8):
+                    assert torch.equal(tokens[0], tokens[1])
+                    a = eager(tokens[0][:, None], cache=caches[0])
+                    b = compiled.decode_step(tokens[1][:, None], caches[1])
+                    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=f"{quantize or 'fp32'}")
+                    tokens = [a[:, -1].argmax(-1), b[:, -1].argmax(-1)]
+        assert compiled.generate(prompts, 6) == eager.generate(prompts, 6)  # through lmzoo.generate
+
+
+def test_compile_failure_is_one_clear_error(monkeypatch):
+    """Where torch.compile cannot work (no C++ compiler, say), decoding stops with an LmzooError
+    that says to run without --compile, not with an inductor traceback."""
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("C++ compiler not found\nlong internal details")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    model = prepare_for_inference(small(), compile=True)
+    with pytest.raises(lmzoo.LmzooError, match="RuntimeError: C.. compiler not found.*without --compile"):
+        model.generate(torch.tensor([[1, 2, 3]]), 2)
