@@ -177,6 +177,7 @@ ROWS = {"prefill": prefill, "prefill_last": prefill_last, "decode": decode,
 
 # ---------------------------------------------------------------------------------- harness
 N_PARAMS = 134.5e6  # SmolLM2-135M: weights read once per decoded token (fp32: 4 bytes each)
+HEAD_PARAMS = 49152 * 576  # its tied head; prefill_last applies it to one position, not to every token
 
 
 def measure_machine():
@@ -214,7 +215,8 @@ def roofline(results, machine):
             frac = rate * N_PARAMS * bytes_per_weight[kind] / 1e9 / machine["matvec_gbs"]
             what = "of memory bandwidth"
         elif name.startswith("prefill") or name == "train_full":
-            frac = rate * N_PARAMS * (6 if name.startswith("train") else 2) / 1e9 / machine["matmul_gflops"]
+            per_token = N_PARAMS - HEAD_PARAMS if name == "prefill_last" else N_PARAMS
+            frac = rate * per_token * (6 if name.startswith("train") else 2) / 1e9 / machine["matmul_gflops"]
             what = "of fp32 matmul FLOP/s"
         else:
             continue
