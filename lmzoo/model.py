@@ -365,10 +365,14 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         for i in range(0, h.shape[0], ChunkedHeadCrossEntropy.rows):
             hc, yc = h[i:i + ChunkedHeadCrossEntropy.rows], y[i:i + ChunkedHeadCrossEntropy.rows]
             logits = (hc @ weight.t()).float()
-            lse = logits.logsumexp(-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            target = logits.gather(1, yc[:, None]).squeeze(1)
+            # logsumexp by hand, in place: logits.logsumexp() would make a second [rows, vocab] tensor
+            top = logits.amax(-1, keepdim=True)
+            p = logits.sub_(top).exp_()
+            norm = p.sum(-1, keepdim=True)
+            total += (top.squeeze(1) + norm.log().squeeze(1) - target).sum()
             if want_h or want_w:  # d loss / d logits = softmax - one_hot
-                g = logits.sub_(lse[:, None]).exp_()
+                g = p.div_(norm)
                 g[torch.arange(len(yc), device=g.device), yc] -= 1
                 g = g.to(h.dtype)
                 if want_h:
