@@ -61,7 +61,6 @@ class Int4Linear(nn.Module):
         scale = ((hi - lo) / 15).clamp(min=1e-8)
         q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
         zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        self.register_buffer("q", q.to(torch.uint8), persistent=False)  # kept to dequantize in tests
         self.register_buffer("scales_zeros", torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1)
                              .transpose(0, 1).contiguous().to(compute_dtype))  # [k/gs, n, 2]
         self.register_buffer("packed", _pack_int4(q, linear.weight.device))
@@ -69,19 +68,21 @@ class Int4Linear(nn.Module):
         self.compute_dtype = compute_dtype
 
     def dequantized(self) -> torch.Tensor:
-        sz = self.scales_zeros.float().transpose(0, 1)  # [n, k/gs, 2]
-        q = self.q.float().reshape(self.out_features, -1, self.group_size)
-        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, self.in_features)
+        """The weight [out, in] as the kernel reads it (rounded to bf16): the product with the
+        identity. The packed layout is the kernel's own, so the kernel is what unpacks it."""
+        eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.packed.device)
+        return self._matmul(eye).t().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)
-        if x2.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+        y = self._matmul(x.reshape(-1, shape[-1]).to(self.compute_dtype))
         y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.is_cuda:
+            return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
 
 
 def _pack_int4(q: torch.Tensor, device) -> torch.Tensor:
