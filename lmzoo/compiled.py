@@ -38,23 +38,34 @@ class CompiledDecodeStep:
     def __init__(self, model):
         self.model = model
         # Before each call torch.compile checks that its graph still applies ("guards"). Checking
-        # every module and weight of the model costs ~1 ms a token, as much as 4 of the 30 blocks;
-        # the step checks only its inputs (the token ids and the cache) instead. So the model must
-        # not be changed after it is prepared (prepare a fresh one instead), and since compiled
-        # graphs are kept per code object, each model gets its own copy of the step's code: two
-        # models in one process never share a graph.
+        # every module and weight of the model costs ~1 ms a token, as much as 4 of the 30 blocks,
+        # so the step first tries to skip those checks and guard only its inputs (token ids, cache).
+        # That is safe only when the whole step is ONE graph whose code belongs to this model alone:
+        # - fullgraph=True: any graph break (MoE's data-dependent routing, say) would compile the
+        #   module's own method as a separate frame, whose graph the same module type in another
+        #   layer or another model would then reuse unchecked. Such models fall back to a
+        #   compile with every guard (below).
+        # - compiled graphs are kept per code object, so each model gets its own copy of the
+        #   step's code: two models in one process never share a graph.
+        # The model must not be changed after it is prepared (prepare a fresh one instead).
         code = _decode_step.__code__
         name = f"decode_step_{next(_COPIES)}"
-        step = types.FunctionType(code.replace(co_name=name), _decode_step.__globals__)
-        self.compiled = torch.compile(step, dynamic=True,
+        self.step = types.FunctionType(code.replace(co_name=name), _decode_step.__globals__)
+        self.compiled = torch.compile(self.step, dynamic=True, fullgraph=True,
                                       options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self.one_graph = True
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         try:
             return self.compiled(self.model, input_ids, cache)
         except LmzooError:
             raise
-        except Exception as e:  # a missing C++ compiler, an unsupported op: say what to do instead
+        except Exception as e:
+            if self.one_graph:  # not one graph (a graph break): nothing has run yet; compile with every guard
+                self.one_graph = False
+                self.compiled = torch.compile(self.step, dynamic=True)
+                return self(input_ids, cache)
+            # a missing C++ compiler, an unsupported op: say what to do instead
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise LmzooError(f"torch.compile could not compile the decode step ({type(e).__name__}: {first[:200]}); "
                              "run without --compile (compile=False)") from e
