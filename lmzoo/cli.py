@@ -31,7 +31,7 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile: ~30-40 s once, then faster tokens "
-                        "(1.2-1.5x on CPU; needs a C++ compiler)")
+                        "(1.2-1.6x on CPU; needs a C++ compiler)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,9 @@ prompt length reuse one graph instead of compiling again. Compiling takes ~30-40
 CPU (the first call), so it is opt-in: `lmzoo generate --compile`. The prompt itself is run
 eagerly (one call; its shapes vary from prompt to prompt).
 
-It computes what the eager step computes: the test checks equal greedy tokens and logits
-within fp32 rounding (tests/test_fast_paths.py).
+It computes what the eager step computes: the tests check equal greedy tokens, and logits
+within fp32 rounding (to two bf16 steps for the bf16 kernels of int4/int8), in
+tests/test_fast_paths.py.
 """
 
 from __future__ import annotations

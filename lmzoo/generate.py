@@ -73,9 +73,9 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
     cache = model.new_cache(B, T + max_new_tokens)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    # The prompt's logits are needed at its last position only: apply the head there alone.
     # A model prepared with compile=True decodes through its compiled step (lmzoo.compiled).
     step = getattr(model, "decode_step", None) or (lambda ids, cache: model(ids, cache=cache))
+    # The prompt's logits are needed at its last position only: apply the head there alone.
     hidden = model.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, prefix_len=prefix_len)
     logits = model.lm_head(hidden[:, -1])
     for _ in range(max_new_tokens):

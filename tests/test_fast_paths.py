@@ -200,8 +200,9 @@ def test_prepared_model_equals_plain(name):
 
 def compiled_matches_eager(model, quantize=None):
     """Prepare `model` twice, eager and compiled, and check every decode step's logits (fp32: to
-    1e-4; bf16 kernels: to two bf16 steps) and greedy tokens, for a left-padded batch (padding masks inside the graph) and then a single
-    prompt (another batch size, the same graph). Returns the compiled model."""
+    1e-4; bf16 kernels: to two bf16 steps) and greedy tokens, for a left-padded batch (padding
+    masks inside the graph) and then a single prompt (another batch size, the same graph).
+    Returns the compiled model."""
     eager = prepare_for_inference(copy.deepcopy(model), quantize)
     compiled = prepare_for_inference(copy.deepcopy(model), quantize, compile=True)
     gen = torch.Generator().manual_seed(1)

@@ -170,4 +170,3 @@ def test_bf16_lora_training_tracks_the_fp32_loss_curve(tmp_path):
     for a, b in zip(fp32, bf16):
         assert abs(a - b) < 0.05 * a
     assert bf16[-1] < 0.7 * bf16[0] and fp32[-1] < 0.7 * fp32[0]
-
