@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
+from .recompute import recomputed
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -34,13 +35,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
-            return self.down(self.act(self.up(x)))
+            up = self.up(x)
+            h = self.act(up)
+            with recomputed(h, lambda: self.act(up)):  # the activation keeps its input anyway
+                return self.down(h)
         if hasattr(self, "gate_up"):
             gate, up = self.gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate(x), self.up(x)
         if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return self.down(Gated.apply(gate, up, self.act))
+            h = Gated.apply(gate, up, self.act)
+            with recomputed(h, lambda: self.act(gate).mul_(up)):  # Gated keeps gate and up anyway
+                return self.down(h)
         return self.down(self.act(gate) * up)
 
 

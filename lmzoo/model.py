@@ -19,6 +19,7 @@ from .config import Config
 from .errors import LmzooError
 from .masks import build_mask, prefix_end_slots
 from .mlp import MLP, MoE
+from .recompute import recomputed
 from .rope import rope_tables
 
 
@@ -73,7 +74,8 @@ class Block(nn.Module):
         if self.norm_position == "post":  # GPT-1: normalise after the add
             return norm(x + f(x))
         h = norm(x)
-        out = f(h)
+        with recomputed(h, lambda: norm(x)):  # the norm keeps x anyway; h is one cheap op away
+            out = f(h)
         if post_norm is not None:  # GLM-4: normalise the sublayer's output too
             out = post_norm(out)
         if self.norm_position == "deepnorm":  # GLM v1: the residual is the normed input, scaled
@@ -354,17 +356,21 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
     the gradients for h and W are accumulated while the chunk is at hand, so the backward pass
     only scales them. Equals F.cross_entropy(reduction="sum") up to fp32 summation order."""
 
-    rows = 1024
+    rows = 256  # [256, vocab] fp32 logits: 48 MB for a 49k vocabulary; larger chunks are no faster
 
     @staticmethod
     def forward(ctx, h, weight, y):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rows = ChunkedHeadCrossEntropy.rows
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-        for i in range(0, h.shape[0], ChunkedHeadCrossEntropy.rows):
-            hc, yc = h[i:i + ChunkedHeadCrossEntropy.rows], y[i:i + ChunkedHeadCrossEntropy.rows]
-            logits = (hc @ weight.t()).float()
+        # One logits buffer serves every chunk: a fresh one per chunk would be new memory each
+        # time (large blocks come straight from the OS, page by page).
+        buffer = h.new_empty(min(rows, h.shape[0]), weight.shape[0])
+        for i in range(0, h.shape[0], rows):
+            hc, yc = h[i:i + rows], y[i:i + rows]
+            logits = torch.matmul(hc, weight.t(), out=buffer[:len(yc)]).float()
             target = logits.gather(1, yc[:, None]).squeeze(1)
             # logsumexp by hand, in place: logits.logsumexp() would make a second [rows, vocab] tensor
             top = logits.amax(-1, keepdim=True)
@@ -376,8 +382,10 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
                 g[torch.arange(len(yc), device=g.device), yc] -= 1
                 g = g.to(h.dtype)
                 if want_h:
-                    grad_h[i:i + len(yc)] = g @ weight.to(h.dtype)
-                if want_w:
+                    torch.matmul(g, weight.to(h.dtype), out=grad_h[i:i + len(yc)])
+                if want_w and g.dtype == grad_w.dtype:
+                    grad_w.addmm_(g.t(), hc)  # in place: no [vocab, d] temporary per chunk
+                elif want_w:
                     grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype

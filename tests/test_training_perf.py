@@ -170,3 +170,87 @@ def test_bf16_lora_training_tracks_the_fp32_loss_curve(tmp_path):
     for a, b in zip(fp32, bf16):
         assert abs(a - b) < 0.05 * a
     assert bf16[-1] < 0.7 * bf16[0] and fp32[-1] < 0.7 * fp32[0]
+
+
+# ---------------------------------------------------------------- recomputed activations
+# lmzoo.recompute: a norm's output and the MLP's hidden activation are rebuilt in backward
+# instead of being held from forward. Same ops on the same inputs, so the same bits.
+
+RECOMPUTE_FAMILIES = {  # preset, overrides: RMSNorm + SwiGLU split/fused, LayerNorm + GELU
+    "llama": ("smollm2-135m", {}),
+    "fused q|k|v and gate|up": ("smollm2-135m", dict(fused_qkv=True, fused_gate_up=True, qkv_bias=True)),
+    "gpt2": ("gpt2", {}),
+}
+
+
+def tiny_trainable(family: str, method: str):
+    import lmzoo
+    from lmzoo.peft import PrefixConfig, add_lora, add_virtual
+
+    preset, overrides = RECOMPUTE_FAMILIES[family]
+    torch.manual_seed(0)
+    config = lmzoo.preset(preset).replace(n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, d_ff=48, vocab_size=97,
+                                          max_seq_len=64, init_std=0.3, **overrides)
+    model = lmzoo.from_config(config)
+    if method == "lora":
+        targets = ("qkv", "o", "gate_up", "down") if config.fused_qkv else ("q", "k", "v", "o", "gate", "up", "down")
+        if config.mlp != "swiglu":
+            targets = ("q", "k", "v", "o", "up", "down")
+        add_lora(model, LoraConfig(r=4, alpha=8, targets=targets))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.5)  # a fresh B is zero: make A's gradient, which reads the input, real
+    elif method == "ptuning_v2":
+        add_virtual(model, PrefixConfig(n_virtual=4, projection=True))
+    return model.train()
+
+
+def loss_and_gradients(model, ids):
+    for p in model.parameters():
+        p.grad = None
+    loss = model.loss(ids)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "ptuning_v2"])
+@pytest.mark.parametrize("family", list(RECOMPUTE_FAMILIES))
+def test_recomputed_activations_give_the_same_gradients(family, method, monkeypatch):
+    import lmzoo.recompute
+
+    model = tiny_trainable(family, method)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss, grads = loss_and_gradients(model, ids)
+    monkeypatch.setattr(lmzoo.recompute, "ENABLED", False)
+    plain_loss, plain = loss_and_gradients(model, ids)
+    assert grads.keys() == plain.keys() and grads
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain[n], rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_recomputed_activations_are_not_held_after_forward(method, monkeypatch):
+    """The norms' outputs and the MLP's hidden activations are freed once forward is done
+    (the linear layers that read them keep recipes), and they are rebuilt for every linear
+    layer that reads them: q, k, v and gate, up read a norm's output; down the hidden one."""
+    import weakref
+
+    import lmzoo.recompute
+
+    rebuilt = []
+    monkeypatch.setattr(lmzoo.recompute._Recipe, "rebuild",
+                        lambda self, real=lmzoo.recompute._Recipe.rebuild: rebuilt.append(1) or real(self))
+    model = tiny_trainable("llama", method)
+    outputs = []
+    for block in model.blocks:
+        for module in (block.attn_norm, block.mlp_norm, block.mlp.down):
+            hook = (lambda m, args, out: outputs.append(weakref.ref(out))) if module is not block.mlp.down else \
+                (lambda m, args: outputs.append(weakref.ref(args[0])))
+            (module.register_forward_pre_hook if module is block.mlp.down else module.register_forward_hook)(hook)
+    loss = model.loss(torch.randint(0, 97, (2, 16)))
+    assert len(outputs) == 3 * len(model.blocks)
+    assert all(ref() is None for ref in outputs)
+    loss.backward()
+    assert len(rebuilt) == 6 * len(model.blocks)
