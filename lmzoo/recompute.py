@@ -18,18 +18,38 @@ import torch
 ENABLED = True  # False: keep every saved tensor, as plain autograd does (tests compare the two)
 
 
+class _Target:
+    """One recomputed tensor, shared by every op that saved it (q, k and v all read a norm's
+    output): backward rebuilds it once and keeps it until the last of them has read it."""
+
+    __slots__ = ("make", "unread", "value")
+
+    def __init__(self, make: Callable[[], torch.Tensor]):
+        self.make, self.unread, self.value = make, 0, None
+
+    def read(self) -> torch.Tensor:
+        if self.value is None:
+            with torch.no_grad():  # backward needs the value only, not a graph through it
+                self.value = self.make().contiguous()
+        value = self.value
+        self.unread -= 1
+        if self.unread <= 0:
+            self.value = None
+        return value
+
+
 class _Recipe:
-    """How to rebuild a saved tensor: recompute the target, then take the saved view of it."""
+    """What autograd holds instead of a saved tensor: its target and the view of it that was saved."""
 
-    __slots__ = ("make", "size", "stride", "offset")
+    __slots__ = ("target", "size", "stride", "offset")
 
-    def __init__(self, make, view: torch.Tensor):
-        self.make = make
+    def __init__(self, target: _Target, view: torch.Tensor):
+        self.target = target
         self.size, self.stride, self.offset = view.shape, view.stride(), view.storage_offset()
+        target.unread += 1
 
     def rebuild(self) -> torch.Tensor:
-        with torch.no_grad():  # backward needs the value only, not a graph through it
-            return self.make().contiguous().as_strided(self.size, self.stride, self.offset)
+        return self.target.read().as_strided(self.size, self.stride, self.offset)
 
 
 def _owns_its_memory(t: torch.Tensor) -> bool:
@@ -44,10 +64,11 @@ def _recompute_hooks(target: torch.Tensor, make: Callable[[], torch.Tensor]):
     # target or a view of it (an op may save a reshaped view, and not the caller's object).
     memory, dtype = target.untyped_storage().data_ptr(), target.dtype
     del target
+    shared = _Target(make)
 
     def pack(t):
         if t.dtype == dtype and t.untyped_storage().data_ptr() == memory:
-            return _Recipe(make, t)
+            return _Recipe(shared, t)
         return t
 
     def unpack(saved):

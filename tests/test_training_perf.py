@@ -233,24 +233,30 @@ def test_recomputed_activations_give_the_same_gradients(family, method, monkeypa
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_recomputed_activations_are_not_held_after_forward(method, monkeypatch):
     """The norms' outputs and the MLP's hidden activations are freed once forward is done
-    (the linear layers that read them keep recipes), and they are rebuilt for every linear
-    layer that reads them: q, k, v and gate, up read a norm's output; down the hidden one."""
+    (the linear layers that read them keep recipes), and backward rebuilds each of them once
+    for all the layers that read it: a norm's output for q, k, v (and gate, up), the hidden
+    activation for down."""
     import weakref
 
     import lmzoo.recompute
 
-    rebuilt = []
-    monkeypatch.setattr(lmzoo.recompute._Recipe, "rebuild",
-                        lambda self, real=lmzoo.recompute._Recipe.rebuild: rebuilt.append(1) or real(self))
+    reads, rebuilt = [], []
+
+    def read(self, real=lmzoo.recompute._Target.read):
+        reads.append(1)
+        if self.value is None:
+            rebuilt.append(1)
+        return real(self)
+
+    monkeypatch.setattr(lmzoo.recompute._Target, "read", read)
     model = tiny_trainable("llama", method)
     outputs = []
     for block in model.blocks:
-        for module in (block.attn_norm, block.mlp_norm, block.mlp.down):
-            hook = (lambda m, args, out: outputs.append(weakref.ref(out))) if module is not block.mlp.down else \
-                (lambda m, args: outputs.append(weakref.ref(args[0])))
-            (module.register_forward_pre_hook if module is block.mlp.down else module.register_forward_hook)(hook)
+        block.attn_norm.register_forward_hook(lambda m, args, out: outputs.append(weakref.ref(out)))
+        block.mlp_norm.register_forward_hook(lambda m, args, out: outputs.append(weakref.ref(out)))
+        block.mlp.down.register_forward_pre_hook(lambda m, args: outputs.append(weakref.ref(args[0])))
     loss = model.loss(torch.randint(0, 97, (2, 16)))
     assert len(outputs) == 3 * len(model.blocks)
     assert all(ref() is None for ref in outputs)
     loss.backward()
-    assert len(rebuilt) == 6 * len(model.blocks)
+    assert len(reads) == 6 * len(model.blocks) and len(rebuilt) == 3 * len(model.blocks)
