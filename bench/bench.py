@@ -241,8 +241,8 @@ def cpu_clock():
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:9]]
     busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-    t = os.times()
-    return time.perf_counter(), busy, t.user + t.system
+    t = os.times()  # a fresh process that a row runs (the training rows) counts as ours
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
 
 
 def others_cores(start, end):
@@ -316,24 +316,23 @@ def measure(row, engines, args):
 
 
 def peak_memory(rows, engines, args, results):
-    """Each training row again, once per engine in a fresh process, for its peak RSS (training.py)."""
+    """The training rows' peak RSS: the median over the fresh processes that timed them."""
     kinds = [name[len("train_"):] for name in rows if name.startswith("train_")]
     if not kinds:
         return
-    for e in engines:  # the timed rows' models are not needed any more
-        e.trainable = None
-    print("\npeak RSS of loading + one training step, each engine in a fresh process (VmHWM)")
+    print("\npeak RSS of loading + two training steps, a fresh process per engine and run (VmHWM; median of runs)")
     print(f"{'row':<18}{'lmzoo MiB':>11}{'transformers MiB':>18}{'ratio':>8}")
     for kind in kinds:
-        mem = {e.name: training.peak_rss(e.name, kind, args.train_ids, getattr(e, "hf_dir", None), args.threads)
-               for e in engines}
+        processes = args.train_memory[kind]
+        mem = {name: {"peak_rss": statistics.median(p["peak_rss"] for p in runs), "processes": runs}
+               for name, runs in processes.items()}
         ours, hf = mem["lmzoo"]["peak_rss"], mem["transformers"]["peak_rss"]
         mem["ratio"] = ours / hf
         results[f"train_{kind}"]["peak_memory"] = mem
         print(f"{'train_' + kind:<18}{ours / 2**20:>11.0f}{hf / 2**20:>18.0f}{ours / hf:>8.2f}", flush=True)
-        for e in engines:  # the peak is normally the step's; say so when loading was higher
-            if mem[e.name]["load_peak_rss"] >= mem[e.name]["peak_rss"]:
-                print(f"  note: {e.name}'s peak was reached while loading, not in the step")
+        for name, runs in processes.items():  # the peak is normally the steps'; say so when loading was higher
+            if any(p["load_peak_rss"] >= p["peak_rss"] for p in runs):
+                print(f"  note: {name}'s peak was reached while loading, not in the steps")
 
 
 def prompt_ids(tok, text, n):
@@ -372,6 +371,7 @@ def main(argv=None):
     args.prefill_ids = prompt_ids(tok, TEXT, args.prefill_len)
     args.decode_ids = torch.tensor([tok.encode(DECODE_PROMPT)])
     args.generated = {}
+    args.train_memory = {}
     args.tok_pad = 0
     args.train_ids = prompt_ids(tok, TEXT, 4 * 256).reshape(4, 256) if not args.quick else \
         prompt_ids(tok, TEXT, 4 * 32).reshape(4, 32)

@@ -15,18 +15,22 @@ A step is one forward and backward pass in fp32 on a [4, 256] batch of token ids
                   the loss is computed in fp32
                 transformers: the fp32 `lora` model (the issue's yardstick: transformers+peft fp32)
 
-Speed is timed in bench.py's process, like every row (`row(kind)`). Peak memory is measured
-in a fresh process per engine and kind (`peak_rss`), which loads the model, runs one step and
-reads its own VmHWM from /proc/self/status, so the figure is that engine's alone:
+Every figure comes from a fresh process per engine, kind and run (`run_fresh`), which loads
+the model and runs two steps: the first warms up (each engine pays its first-touch page faults
+there), the second is timed. Timing both engines inside bench.py's one process made each
+engine's speed depend on what the other had left in the C heap (glibc returns freed memory to
+the system or keeps it depending on the sizes freed before), which moved transformers' figure
+by up to 25% between runs. The process reads its own VmHWM from /proc/self/status at the end:
 
-    .venv/bin/python bench/training.py lmzoo lora --ids ids.pt [--hf-dir DIR] [--threads 2]
+    .venv/bin/python bench/training.py lmzoo lora --ids ids.pt [--hf-dir DIR] [--threads 2] [--steps 2]
 
 prints one line of JSON (sizes in bytes):
-    peak_rss       the process's peak RSS over its whole life: loading + one step (VmHWM)
-    step_peak_rss  the peak RSS from the end of loading to the end of the step (VmHWM, reset
+    step_s         seconds of each step, in order (the last one is the timed one)
+    peak_rss       the process's peak RSS over its whole life: loading + the steps (VmHWM)
+    step_peak_rss  the peak RSS from the end of loading to the end of the steps (VmHWM, reset
                    after loading by writing 5 to /proc/self/clear_refs); None if the kernel
                    refuses the reset
-    load_peak_rss, loaded_rss   VmHWM and VmRSS when the model is loaded, before the step
+    load_peak_rss, loaded_rss   VmHWM and VmRSS when the model is loaded, before the steps
 Both peaks are absolute (the weights, the interpreter and the libraries included), not added
 memory.
 """
@@ -83,29 +87,27 @@ def trainable_params(model):
 
 
 def row(kind):
-    """The bench row for `kind`: tokens / s of one step, in bench.py's process."""
+    """The bench row for `kind`: tokens / s of the timed step of a fresh process (`run_fresh`);
+    each process's memory figures are kept in args.train_memory[kind][engine]."""
     def timed(engine, args):
-        held = getattr(engine, "trainable", None)  # one kind at a time per engine, kept across runs
-        if held is None or held[0] != kind:
-            engine.trainable = None
-            gc.collect()
-            engine.trainable = (kind, build(engine.name, kind, getattr(engine, "hf_dir", None)))
-        t = time.perf_counter()
-        step(engine.name, engine.trainable[1], args.train_ids)
-        return args.train_ids.numel() / (time.perf_counter() - t)
+        stats = run_fresh(engine.name, kind, args.train_ids, getattr(engine, "hf_dir", None), args.threads)
+        args.train_memory.setdefault(kind, {}).setdefault(engine.name, []).append(stats)
+        return stats["tokens"] / stats["step_s"][-1]
     precision = "lmzoo bf16 mixed precision vs transformers fp32" if kind == "lora_bf16" else "fp32"
-    timed.__doc__ = (f"one {kind} training step (forward + backward, {precision}, no optimizer) on 4x256 tokens; "
-                     "tokens/s (peak RSS of loading + one step, in a fresh process per engine: `peak_memory`)")
+    timed.__doc__ = (f"one {kind} training step (forward + backward, {precision}, no optimizer) on 4x256 tokens, "
+                     "the second of a fresh process per engine and run; tokens/s (that process's peak RSS: "
+                     "`peak_memory`)")
     return timed
 
 
-def peak_rss(engine, kind, ids, hf_dir=None, threads=2):
-    """Run one `kind` step of `engine` in a fresh process; its memory figures (see the top)."""
+def run_fresh(engine, kind, ids, hf_dir=None, threads=2, steps=2):
+    """Run `steps` `kind` steps of `engine` in a fresh process; its figures (see the top)."""
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ids.pt")
         torch.save(ids, path)
-        cmd = [sys.executable, os.path.abspath(__file__), engine, kind, "--ids", path, "--threads", str(threads)]
+        cmd = [sys.executable, os.path.abspath(__file__), engine, kind, "--ids", path, "--threads", str(threads),
+               "--steps", str(steps)]
         if hf_dir:
             cmd += ["--hf-dir", hf_dir]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -136,6 +138,7 @@ def main(argv=None):
     p.add_argument("--ids", required=True, help="a torch.save'd [batch, seq] tensor of token ids")
     p.add_argument("--hf-dir", help="the Hugging Face directory transformers loads")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="steps to run; the figures cover them all")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     ids = torch.load(args.ids)
@@ -143,9 +146,11 @@ def main(argv=None):
     gc.collect()
     load_peak, loaded = _status("VmHWM"), _status("VmRSS")
     reset = _reset_peak()
-    t = time.perf_counter()
-    step(args.engine, model, ids)
-    seconds = time.perf_counter() - t
+    seconds = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step(args.engine, model, ids)
+        seconds.append(time.perf_counter() - t)
     after = _status("VmHWM")
     print(json.dumps({"peak_rss": max(load_peak, after), "step_peak_rss": after if reset else None,
                       "load_peak_rss": load_peak, "loaded_rss": loaded, "step_s": seconds,
