@@ -356,7 +356,9 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
     the gradients for h and W are accumulated while the chunk is at hand, so the backward pass
     only scales them. Equals F.cross_entropy(reduction="sum") up to fp32 summation order."""
 
-    rows = 256  # [256, vocab] fp32 logits: 48 MB for a 49k vocabulary; larger chunks are no faster
+    # [256, vocab] fp32 logits: 48 MB for a 49k vocabulary. 1024 rows run the head's products a
+    # little faster (about 2% of a fine-tuning step here) for 144 MB more peak memory.
+    rows = 256
 
     @staticmethod
     def forward(ctx, h, weight, y):
