@@ -45,9 +45,14 @@ class MLP(nn.Module):
             gate, up = self.gate(x), self.up(x)
         if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
             h = Gated.apply(gate, up, self.act)
-            with recomputed(h, lambda: self.act(gate).mul_(up)):  # Gated keeps gate and up anyway
+            with recomputed(h, lambda: gated(gate, up, self.act)):  # Gated keeps gate and up anyway
                 return self.down(h)
-        return self.down(self.act(gate) * up)
+        return self.down(gated(gate, up, self.act))
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
+    """SwiGLU's act(gate) * up; act(gate) is a fresh tensor, so the product needs no second one."""
+    return act(gate).mul_(up)
 
 
 class Gated(torch.autograd.Function):
@@ -59,7 +64,7 @@ class Gated(torch.autograd.Function):
     def forward(ctx, gate, up, act):
         ctx.act = act
         ctx.save_for_backward(gate, up)
-        return act(gate).mul_(up)  # act(gate) is a fresh tensor: no second temporary
+        return gated(gate, up, act)
 
     @staticmethod
     def backward(ctx, grad):
