@@ -51,12 +51,13 @@ HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 def build(engine, kind, hf_dir=None):
     """A fresh model of `engine` ("lmzoo" or "transformers") set up for `kind` training: fp32,
-    except lmzoo's lora_bf16."""
+    except lmzoo's lora_bf16. transformers loads `hf_dir`; lmzoo loads it too if given, else the
+    embedded GGUF (the same weights)."""
     with torch.inference_mode(False):
         if engine == "lmzoo":
             import lmzoo
             from lmzoo.peft import LoraConfig, PrefixConfig, add_lora, add_virtual
-            m = lmzoo.load(dtype=torch.bfloat16 if kind == "lora_bf16" else None)[0]
+            m = lmzoo.load(hf_dir, dtype=torch.bfloat16 if kind == "lora_bf16" else None)[0]
             if kind in ("lora", "lora_bf16"):
                 add_lora(m, LoraConfig(r=8, alpha=16, targets=LORA_TARGETS))
             elif kind == "ptuning_v2":

@@ -80,15 +80,28 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.device.type != self.packed.device.type:  # the packed layout is the device's own
+            raise LmzooError(f"int4 weights packed on {self.packed.device.type} cannot run on {x2.device.type}: "
+                             "move the model first, then quantize")
         if x2.is_cuda:
             return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
 
 
+def cuda_inner_k_tiles(k: int) -> int:
+    """CUDA's int4 kernel reads the input dimension in tiles of 16 * inner_k_tiles (2, 4 or 8)
+    columns, so k must be a multiple of one of them: the largest is fastest. (SmolLM2's
+    576 = 9 * 64 takes 4; assuming 8 made packing fail on CUDA.)"""
+    for tiles in (8, 4, 2):
+        if k % (16 * tiles) == 0:
+            return tiles
+    raise LmzooError(f"int4 on CUDA: in_features={k} is not a multiple of 32")
+
+
 def _pack_int4(q: torch.Tensor, device) -> torch.Tensor:
     if device is not None and torch.device(device).type == "cuda":
         packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).to(device)
-        return torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+        return torch.ops.aten._convert_weight_to_int4pack(packed, cuda_inner_k_tiles(q.shape[1]))
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 8)
 
 

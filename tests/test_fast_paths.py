@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import lmzoo
 from lmzoo.model import ChunkedHeadCrossEntropy, RMSNorm
+from lmzoo.errors import LmzooError
 from lmzoo.generate import left_pad
 from lmzoo.inference import PackedLinear, fuse_projections, prepare_for_inference
 from lmzoo.quant import Int4Linear, Int8Linear, quantize
@@ -106,6 +107,23 @@ def test_quantized_linear_equals_its_dequantized_weight(cls, kw):
     # largest weight; int4: 1/30 of the group's range, <= 1/15 of the largest), plus bf16 scales
     err = (q.dequantized() - lin.weight).abs().max() / lin.weight.abs().max()
     assert err < (0.01 if cls is Int8Linear else 0.08)
+
+
+def test_int4_cuda_tiles_fit_the_input_width():
+    """CUDA's int4 packing tiles the input dimension by 16 * (8, 4 or 2) columns: SmolLM2's 576
+    takes 4 (8 made packing fail on a GPU); a width no tile divides is refused by name."""
+    from lmzoo.quant import cuda_inner_k_tiles
+    assert [cuda_inner_k_tiles(k) for k in (576, 1536, 96, 128, 32)] == [4, 8, 2, 8, 2]
+    with pytest.raises(LmzooError, match="in_features=48"):
+        cuda_inner_k_tiles(48)
+
+
+def test_int4_weights_refuse_another_device():
+    """The packed int4 layout belongs to the device it was packed on: running it elsewhere is a
+    clear error, not garbage."""
+    q = Int4Linear(torch.nn.Linear(64, 32), group_size=32)
+    with pytest.raises(LmzooError, match="packed on cpu cannot run on meta"):
+        q(torch.randn(1, 64, device="meta"))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
