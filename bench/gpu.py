@@ -152,7 +152,6 @@ def main(argv=None):
                                       "compile_s": first}
         print(f"{'decode_compiled':<12}{rate:>14.1f}{theirs_rate:>20.1f}{rate / theirs_rate:>8.2f}"
               f"   (lmzoo compiled; first call {first:.0f} s)", flush=True)
-        del compiled
 
     with open(args.json, "w") as f:
         json.dump({"device": str(device), "dtype": args.dtype, "rows": results}, f, indent=2)

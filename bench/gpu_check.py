@@ -25,7 +25,6 @@ from bench import DECODE_PROMPT, TEXT, prompt_ids  # bench/bench.py
 from lmzoo import recompute
 from lmzoo.inference import prepare_for_inference
 from lmzoo.peft import LoraConfig, PrefixConfig, add_lora, add_virtual
-from lmzoo.quant import quantize
 
 CHECKS = []
 
