@@ -246,8 +246,8 @@ def compiled_matches_eager(model, quantize=None):
 def test_compiled_decode_step_equals_eager():
     """The compiled decode step (lmzoo.compiled) against the eager one, on packed fp32 and then on
     int4 weights in the same process: two compiled models must never share a graph."""
-    for quantize in (None, "int4"):
-        assert compiled_matches_eager(small(), quantize).decode_step.one_graph
+    for mode in (None, "int4"):
+        assert compiled_matches_eager(small(), mode).decode_step.one_graph
 
 
 def test_compiled_decode_step_with_a_graph_break_and_with_an_adapter():
