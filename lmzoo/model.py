@@ -368,11 +368,15 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         # One logits buffer serves every chunk: a fresh one per chunk would be new memory each
-        # time (large blocks come straight from the OS, page by page).
-        buffer = h.new_empty(min(rows, h.shape[0]), weight.shape[0])
+        # time (large blocks come straight from the OS, page by page: in bf16, where each chunk
+        # also has an fp32 copy and a bf16 gradient, those page faults were 13% of a LoRA step).
+        n = min(rows, h.shape[0])
+        buffer = h.new_empty(n, weight.shape[0])
+        buffer32 = buffer if h.dtype == torch.float32 else buffer.new_empty(n, weight.shape[0], dtype=torch.float32)
         for i in range(0, h.shape[0], rows):
             hc, yc = h[i:i + rows], y[i:i + rows]
-            logits = torch.matmul(hc, weight.t(), out=buffer[:len(yc)]).float()
+            logits = torch.matmul(hc, weight.t(), out=buffer[:len(yc)])
+            logits = buffer32[:len(yc)].copy_(logits) if buffer32 is not buffer else logits
             target = logits.gather(1, yc[:, None]).squeeze(1)
             # logsumexp by hand, in place: logits.logsumexp() would make a second [rows, vocab] tensor
             top = logits.amax(-1, keepdim=True)
@@ -382,7 +386,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
             if want_h or want_w:  # d loss / d logits = softmax - one_hot
                 g = p.div_(norm)
                 g[torch.arange(len(yc), device=g.device), yc] -= 1
-                g = g.to(h.dtype)
+                g = buffer[:len(yc)].copy_(g) if g.dtype != h.dtype else g  # back to h's dtype, in place
                 if want_h:
                     torch.matmul(g, weight.to(h.dtype), out=grad_h[i:i + len(yc)])
                 if want_w and g.dtype == grad_w.dtype:

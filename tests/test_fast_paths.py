@@ -50,6 +50,26 @@ def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6 * max(scale, 1), msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_cross_entropy_equals_full_logits(monkeypatch, dtype):
+    """The loss function itself, in fp32 and in bf16 (whose chunks go through an fp32 buffer and
+    back into the bf16 one): the loss and both gradients of autograd through full logits."""
+    monkeypatch.setattr(ChunkedHeadCrossEntropy, "rows", 16)  # several chunks, and a ragged last one
+    torch.manual_seed(0)
+    h = torch.randn(45, 24).to(dtype).requires_grad_()
+    w = (torch.randn(300, 24) / 5).to(dtype).requires_grad_()
+    y = torch.randint(0, 300, (45,))
+    loss = ChunkedHeadCrossEntropy.apply(h, w, y)
+    grads = torch.autograd.grad(loss, (h, w))
+    ref = F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of each product's output
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+
+
 def test_chunked_loss_with_frozen_head():
     """LoRA-style training (head frozen): only the hidden states get a gradient."""
     model = small()
