@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lmzoo.mlp import ACTIVATIONS, Gated
+from lmzoo.model import RMSNorm
 from lmzoo.peft.lora import LoraConfig, LoRAFunction, LoRALinear
 
 
@@ -98,6 +99,32 @@ def test_gated_recomputing_backward_equals_autograd(activation, dtype):
     torch.testing.assert_close(fast, plain, rtol=0, atol=0)
     for a, b in zip(fast_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_low_precision_rms_norm_equals_autograd_of_the_plain_ops(dtype, weight_grad):
+    """RMSNorm of a bf16/fp16 x trains through LowPrecisionRMSNorm (a hand-written backward that
+    keeps only x and the row scale): the plain ops' output exactly, and their gradients to within
+    one rounding of the dtype (here they come out identical)."""
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data = torch.randn(64) * 0.3 + 1
+    norm = norm.to(dtype)
+    norm.weight.requires_grad_(weight_grad)
+    x = (torch.randn(3, 5, 64) * 3).to(dtype).requires_grad_()
+    dy = torch.randn(3, 5, 64).to(dtype)
+    wrt = [x, norm.weight] if weight_grad else [x]
+    y = norm(x)
+    assert y.grad_fn.name() == "LowPrecisionRMSNormBackward"
+    x32 = x.float()
+    plain = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    torch.testing.assert_close(y, plain, rtol=0, atol=0)
+    for got, want in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(plain, wrt, dy)):
+        assert got.dtype == want.dtype
+        assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+    with torch.no_grad():  # inference takes the plain ops: nothing to save
+        torch.testing.assert_close(norm(x), plain, rtol=0, atol=0)
 
 
 def test_gated_saves_only_gate_and_up():
