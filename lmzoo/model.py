@@ -51,7 +51,8 @@ def low_precision_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float):
     the statistics in fp32, the normalised x rounded to x's dtype, then times the weight."""
     x32 = x.float()
     r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.mul_(r).to(x.dtype), r
+    xn = x32 * r if x32 is x else x32.mul_(r)  # in place only on our own fp32 copy, never on x
+    return weight * xn.to(x.dtype), r
 
 
 class LowPrecisionRMSNorm(torch.autograd.Function):
@@ -68,7 +69,7 @@ class LowPrecisionRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, r = ctx.saved_tensors
-        xhat = x.float().mul_(r)
+        xhat = x * r  # fp32 (r is fp32): x.float() * r without the copy
         g = (dy * weight).to(x.dtype).float()  # d loss / d (normalised x), rounded as autograd would
         grad_weight = None
         if ctx.needs_input_grad[1]:
