@@ -372,8 +372,8 @@ class Decoder(nn.Module):
         hidden = self.hidden_states(input_ids, prefix_len=prefix_len, **kwargs)[:, :-1].flatten(0, 1)
         targets = labels[:, 1:].flatten()
         keep = targets != -100
-        total = ChunkedHeadCrossEntropy.apply(hidden[keep], head.weight, targets[keep])
-        return total if reduction == "sum" else total / keep.sum()
+        scale = 1.0 if reduction == "sum" else 1.0 / max(int(keep.sum()), 1)
+        return ChunkedHeadCrossEntropy.apply(hidden[keep], head.weight, targets[keep], scale)
 
 
 def _is_sharded(weight: torch.Tensor) -> bool:
@@ -385,22 +385,24 @@ def _is_sharded(weight: torch.Tensor) -> bool:
 
 
 class ChunkedHeadCrossEntropy(torch.autograd.Function):
-    """sum_i cross_entropy(h_i W^T, y_i) over rows h [N, d], with its gradients, computed
-    `rows` rows at a time: the logits of one chunk (in fp32) are the largest thing alive, and
-    the gradients for h and W are accumulated while the chunk is at hand, so the backward pass
-    only scales them. Equals F.cross_entropy(reduction="sum") up to fp32 summation order."""
+    """scale * sum_i cross_entropy(h_i W^T, y_i) over rows h [N, d], with its gradients,
+    computed `rows` rows at a time: the logits of one chunk (in fp32) are the largest thing
+    alive, and the gradients for h and W are accumulated while the chunk is at hand, so the
+    backward pass has nothing left to do for a plain loss.backward() (the gradient handed back
+    is then the accumulated one itself: no copy of a [vocab, d] matrix). Equals
+    F.cross_entropy(reduction="sum") * scale up to fp32 summation order."""
 
     # [256, vocab] fp32 logits: 48 MB for a 49k vocabulary. 1024 rows run the head's products a
     # little faster (about 2% of a fine-tuning step here) for 144 MB more peak memory.
     rows = 256
 
     @staticmethod
-    def forward(ctx, h, weight, y):
+    def forward(ctx, h, weight, y, scale=1.0):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows = ChunkedHeadCrossEntropy.rows
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grad_w = torch.empty_like(weight, dtype=torch.float32) if want_w else None  # the first chunk overwrites it
         # One logits buffer serves every chunk: a fresh one per chunk would be new memory each
         # time (large blocks come straight from the OS, page by page: in bf16, where each chunk
         # also has an fp32 copy and a bf16 gradient, those page faults were 13% of a LoRA step).
@@ -422,17 +424,22 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
                 g[torch.arange(len(yc), device=g.device), yc] -= 1
                 g = buffer[:len(yc)].copy_(g) if g.dtype != h.dtype else g  # back to h's dtype, in place
                 if want_h:
-                    torch.matmul(g, weight.to(h.dtype), out=grad_h[i:i + len(yc)])
+                    out = grad_h[i:i + len(yc)]
+                    torch.addmm(out, g, weight.to(h.dtype), beta=0, alpha=scale, out=out)
+                first = 0 if i == 0 else 1  # beta: the first chunk writes grad_w, the others add to it
                 if want_w and g.dtype == grad_w.dtype:
-                    grad_w.addmm_(g.t(), hc)  # in place: no [vocab, d] temporary per chunk
-                elif want_w:
-                    grad_w += (g.t() @ hc).float()
+                    grad_w.addmm_(g.t(), hc, beta=first, alpha=scale)  # in place: no [vocab, d] temporary
+                elif want_w:  # a bf16 g with an fp32 grad_w: no mixed-dtype addmm
+                    chunk = (g.t() @ hc).float()
+                    grad_w.add_(chunk, alpha=scale) if first else torch.mul(chunk, scale, out=grad_w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return total
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_total.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), None)
+        if grad_total.item() != 1.0:  # loss.backward() hands 1: then the gradients are final
+            grad_h = None if grad_h is None else grad_h * grad_total.to(grad_h.dtype)
+            grad_w = None if grad_w is None else grad_w * grad_total
+        return grad_h, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None

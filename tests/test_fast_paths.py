@@ -59,15 +59,34 @@ def test_chunked_head_cross_entropy_equals_full_logits(monkeypatch, dtype):
     h = torch.randn(45, 24).to(dtype).requires_grad_()
     w = (torch.randn(300, 24) / 5).to(dtype).requires_grad_()
     y = torch.randint(0, 300, (45,))
-    loss = ChunkedHeadCrossEntropy.apply(h, w, y)
-    grads = torch.autograd.grad(loss, (h, w))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of each product's output
     ref = F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
     ref_grads = torch.autograd.grad(ref, (h, w))
-    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of each product's output
-    for got, want in zip(grads, ref_grads):
-        assert got.dtype == dtype
-        assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+    # scale folds a mean into the function; a gradient other than 1 (a loss / accumulation
+    # steps, say) scales the gradients the function accumulated in forward
+    for scale, upstream in ((1.0, 1.0), (0.25, 1.0), (1.0, 3.0), (0.25, 3.0)):
+        loss = ChunkedHeadCrossEntropy.apply(h, w, y, scale)
+        grads = torch.autograd.grad(loss * upstream if upstream != 1 else loss, (h, w))
+        torch.testing.assert_close(loss, ref * scale, rtol=1e-6, atol=1e-5)
+        for got, want in zip(grads, ref_grads):
+            want = want.float() * scale * upstream
+            assert got.dtype == dtype
+            assert (got.float() - want).abs().max() <= tol * want.abs().max()
+
+
+def test_chunked_loss_backward_twice_with_retain_graph():
+    """The loss hands its accumulated gradients back as they are (no copy): backward three
+    times over a retained graph must still accumulate three times one backward's gradients."""
+    model = small().train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    once, thrice = copy.deepcopy(model), copy.deepcopy(model)
+    once.loss(ids).backward()
+    loss = thrice.loss(ids)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for (name, a), b in zip(once.named_parameters(), thrice.parameters()):
+        torch.testing.assert_close(b.grad, 3 * a.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_chunked_loss_with_frozen_head():
