@@ -402,7 +402,8 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         rows = ChunkedHeadCrossEntropy.rows
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.empty_like(weight, dtype=torch.float32) if want_w else None  # the first chunk overwrites it
+        # the first chunk writes grad_w whole (beta=0 below); with no rows at all it stays zero
+        grad_w = (torch.empty_like if len(h) else torch.zeros_like)(weight, dtype=torch.float32) if want_w else None
         # One logits buffer serves every chunk: a fresh one per chunk would be new memory each
         # time (large blocks come straight from the OS, page by page: in bf16, where each chunk
         # also has an fp32 copy and a bf16 gradient, those page faults were 13% of a LoRA step).

@@ -74,6 +74,15 @@ def test_chunked_head_cross_entropy_equals_full_logits(monkeypatch, dtype):
             assert (got.float() - want).abs().max() <= tol * want.abs().max()
 
 
+def test_chunked_head_cross_entropy_of_no_rows_is_zero():
+    """Every label -100 leaves no rows: the loss and both gradients are zero, not uninitialised."""
+    h = torch.randn(0, 24, requires_grad=True)
+    w = torch.randn(300, 24, requires_grad=True)
+    loss = ChunkedHeadCrossEntropy.apply(h, w, torch.zeros(0, dtype=torch.long))
+    grad_h, grad_w = torch.autograd.grad(loss, (h, w))
+    assert loss.item() == 0 and grad_h.shape == (0, 24) and not grad_w.any()
+
+
 def test_chunked_loss_backward_twice_with_retain_graph():
     """The loss hands its accumulated gradients back as they are (no copy): backward three
     times over a retained graph must still accumulate three times one backward's gradients."""
