@@ -372,7 +372,9 @@ class Decoder(nn.Module):
         hidden = self.hidden_states(input_ids, prefix_len=prefix_len, **kwargs)[:, :-1].flatten(0, 1)
         targets = labels[:, 1:].flatten()
         keep = targets != -100
-        scale = 1.0 if reduction == "sum" else 1.0 / max(int(keep.sum()), 1)
+        labelled = int(keep.sum())
+        # a mean over no labelled position is 0/0, as F.cross_entropy's
+        scale = 1.0 if reduction == "sum" else (1.0 / labelled if labelled else float("nan"))
         return ChunkedHeadCrossEntropy.apply(hidden[keep], head.weight, targets[keep], scale)
 
 
