@@ -345,10 +345,12 @@ class Decoder(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def loss(self, input_ids, labels=None, *, prefix_len=None, reduction="mean", **kwargs) -> torch.Tensor:
-        """Next-token cross-entropy over labelled positions (label -100 is ignored); mean or sum.
-
-        Without labels every token is a target, except a prefix LM's prefix, which is context."""
+    def loss(self, input_ids, labels=None, *, prefix_len=None, reduction="mean", scale=1.0,
+             **kwargs) -> torch.Tensor:
+        """Next-token cross-entropy over labelled positions (label -100 is ignored); mean or sum,
+        times `scale`. Without labels every token is a target, except a prefix LM's prefix, which
+        is context. A training loop's normalisation belongs in `scale`: multiplied in afterwards,
+        it would make backward copy the head's gradient to scale it."""
         if labels is None:
             labels = input_ids.clone()
             if prefix_len is not None:
@@ -365,16 +367,17 @@ class Decoder(nn.Module):
         if type(head) is not nn.Linear or head.bias is not None or _is_sharded(head.weight):
             # a LoRA or quantized head, or FSDP (which gathers weights in forward hooks): the plain way
             logits = self(input_ids, prefix_len=prefix_len, **kwargs)
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100, reduction=reduction)
+            return loss if scale == 1 else loss * scale
         # The same loss without ever holding [B, T, vocab] logits: the head runs only on the
         # labelled positions, a chunk of them at a time (see ChunkedHeadCrossEntropy).
         hidden = self.hidden_states(input_ids, prefix_len=prefix_len, **kwargs)[:, :-1].flatten(0, 1)
         targets = labels[:, 1:].flatten()
         keep = targets != -100
         labelled = int(keep.sum())
-        # a mean over no labelled position is 0/0, as F.cross_entropy's
-        scale = 1.0 if reduction == "sum" else (1.0 / labelled if labelled else float("nan"))
+        if reduction != "sum":  # a mean over no labelled position is 0/0, as F.cross_entropy's
+            scale = scale / labelled if labelled else float("nan")
         return ChunkedHeadCrossEntropy.apply(hidden[keep], head.weight, targets[keep], scale)
 
 

@@ -98,6 +98,27 @@ def test_chunked_loss_backward_twice_with_retain_graph():
         torch.testing.assert_close(b.grad, 3 * a.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_scale_scales_the_loss_and_every_gradient(reduction):
+    """Decoder.loss(scale=s), as the training loop calls it: s times the loss and its gradients,
+    through the chunked head and through the plain path (a LoRA-wrapped head takes that one)."""
+    from lmzoo.peft import LoraConfig, add_lora
+    ids = torch.randint(0, 500, (2, 12))
+    for lora_head in (False, True):
+        model = small(tie_embeddings=not lora_head).train()  # LoRA needs a head of its own
+        if lora_head:
+            add_lora(model, LoraConfig(r=2, targets=("lm_head",)))
+        a, b = copy.deepcopy(model), copy.deepcopy(model)
+        la, lb = a.loss(ids, reduction=reduction), b.loss(ids, reduction=reduction, scale=0.3)
+        torch.testing.assert_close(lb, 0.3 * la, rtol=1e-6, atol=1e-7)
+        la.backward()
+        lb.backward()
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            if pa.grad is not None:  # the scale enters before fp32 sums in one, after in the other
+                want = 0.3 * pa.grad
+                assert (pb.grad - want).abs().max() <= 1e-5 * want.abs().max(), name
+
+
 def test_chunked_loss_with_frozen_head():
     """LoRA-style training (head frozen): only the hidden states get a gradient."""
     model = small()

@@ -28,8 +28,8 @@ class _Loss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels, attention_mask):
-        return self.model.loss(input_ids, labels, attention_mask=attention_mask, reduction="sum")
+    def forward(self, input_ids, labels, attention_mask, scale=1.0):
+        return self.model.loss(input_ids, labels, attention_mask=attention_mask, reduction="sum", scale=scale)
 
 
 class World:

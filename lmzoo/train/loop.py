@@ -134,24 +134,25 @@ class Trainer:
         total = torch.zeros(())
         device = self.params[0].device
         # Data-parallel wrappers average gradients over processes; the loss is already normalised
-        # by the whole global batch, so scale it back up by the number of processes.
+        # by the whole global batch, so scale it back up by the number of processes. The loss
+        # takes that scale itself (Decoder.loss's `scale`), so backward copies nothing to apply it.
         processes = self.world.size if self.world else 1
+        scale = processes / labelled_all
         for b in micro:
             ids, labels, mask = b["input_ids"].to(device), b["labels"].to(device), b["attention_mask"].to(device)
             with self._autocast():
                 if self.loss_module is not None:
-                    loss = self.loss_module(ids, labels, mask)
+                    scaled = self.loss_module(ids, labels, mask, scale)
                 else:
-                    loss = self.model.loss(ids, labels, attention_mask=mask, reduction="sum")
+                    scaled = self.model.loss(ids, labels, attention_mask=mask, reduction="sum", scale=scale)
                 aux = self.model.moe_aux_loss()
-            scaled = loss * processes / labelled_all
+            total += scaled.detach().float().cpu()
             if aux is not None:
                 scaled = scaled + 0.01 * aux / len(micro)
             scaled.backward()
-            total += loss.detach().float().cpu()
         if self.world:
             total = self.world.all_reduce_sum(total)
-        mean = float(total) / labelled_all
+        mean = float(total) / processes  # the summed losses over labelled_all, with `scale` undone
         if not math.isfinite(mean):
             self.optimizer.zero_grad(set_to_none=True)
             where = f"; the last good checkpoint is {os.path.join(self.out_dir, CHECKPOINT)}" if self.out_dir else ""
