@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, restore_interrupted
 from ..errors import LmzooError
 from .data import IGNORE, Example, collate
 
@@ -260,6 +260,7 @@ class Trainer:
         from safetensors.torch import load_file
 
         path = os.path.join(self.out_dir or "", CHECKPOINT)
+        restore_interrupted(path)
         if not os.path.isfile(os.path.join(path, "state.json")):
             raise LmzooError(f"--resume: no checkpoint in {path}")
         trainable = load_file(os.path.join(path, "trainable.safetensors"))
