@@ -13,10 +13,12 @@ from .config import Config
 
 class KVCache:
     def __init__(self, c: Config, batch: int, max_len: int, *, dtype=torch.float32, device=None):
-        shape = (batch, c.kv_heads, max_len, c.head_size)
+        # One slot more than it holds, never written: the keys read back are then never the whole
+        # buffer, a case a compiled decode step would otherwise compile a second graph for (lmzoo.compiled).
+        shape = (batch, c.kv_heads, max_len + 1, c.head_size)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.key_valid = torch.zeros(batch, max_len + 1, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.length = 0  # slots filled so far, shared by all layers
         self.n_virtual = 0  # P-tuning v2's virtual tokens in the first slots

@@ -30,8 +30,9 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile: ~30-40 s once, then faster tokens "
-                        "(1.2-1.6x on CPU; needs a C++ compiler)")
+                   help="compile the decode step with torch.compile: 1-3 minutes once (less when torch's "
+                        "compile cache already holds its kernels) and a second copy of the weights, then "
+                        "2-3x faster tokens on CPU; needs a C++ compiler")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +160,8 @@ def _load(args, inference: bool = True):
 
     # generate and chat only read the model: fuse, pack or quantize it (a LoRA adapter is folded in first)
     if getattr(args, "compile", False):
-        print("lmzoo: the decode step compiles at the first new token (about 30-40 s on 2 CPU cores)",
+        print("lmzoo: the decode step compiles at the first new token (1-3 minutes on 2 CPU cores the "
+              "first time, less once torch's compile cache holds its kernels)",
               file=sys.stderr, flush=True)
     prepare_for_inference(model, getattr(args, "quantize", None), compile=getattr(args, "compile", False))
     return model, tokenizer

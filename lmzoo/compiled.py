@@ -8,10 +8,20 @@ of Python and dispatch on top of its work. For a small model those costs are as 
 matrix products themselves (int4: ~8 of ~13 ms per token). Compiled, the norms, rotary,
 residuals and cache writes of a step become a few fused C++ loops, and the Python is gone.
 
-The step is compiled with dynamic shapes, so a growing cache, another batch size or another
-prompt length reuse one graph instead of compiling again. Compiling takes ~30-40 s on a small
-CPU (the first call), so it is opt-in: `lmzoo generate --compile`. The prompt itself is run
-eagerly (one call; its shapes vary from prompt to prompt).
+The step is compiled with dynamic shapes, so a growing cache and another prompt length reuse
+one graph instead of compiling again (one row and several rows are two graphs: torch
+specializes sizes of 1). The prompt itself is run eagerly (one call; its shapes vary from
+prompt to prompt).
+
+On the CPU the step's matrix products are inductor's own kernels (`max_autotune_gemm`, backend
+"CPP"): generated for each weight's shape at compile time and benchmarked there against ATen's,
+the faster kept. For one row they read the weights at ~29 GB/s on this 2-core machine, where
+ATen's int8 kernel reaches 12-13 GB/s at these small shapes (576 x 3072, say) and oneDNN's
+packed fp32 kernel ~20 GB/s: the whole step got 1.4-2x faster in fp32, bf16 and int8. They need
+the weights as constants of the graph ("freezing"), so the graph holds its own copy of them,
+laid out for its kernels. That costs a second copy of the weights, and time: the first compile
+benchmarks and builds those kernels (1-3 minutes on 2 cores), later processes find them in
+torch's compile cache (~40-60 s). So it is opt-in: `lmzoo generate --compile`.
 
 It computes what the eager step computes: the tests check equal greedy tokens, and logits
 within fp32 rounding (to two bf16 steps for the bf16 kernels of int4/int8), in
@@ -20,6 +30,7 @@ tests/test_fast_paths.py.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
 
@@ -33,6 +44,11 @@ def _decode_step(model, input_ids, cache):
 
 
 _COPIES = itertools.count()
+
+# inductor's settings while the step compiles on a CPU (see above); quiet: the benchmark of each
+# shape's kernels would print a table per product.
+_CPU_SETTINGS = dict(freezing=True, max_autotune_gemm=True, max_autotune_gemm_backends="CPP,ATEN",
+                     autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
 
 
 class CompiledDecodeStep:
@@ -55,10 +71,15 @@ class CompiledDecodeStep:
         self.compiled = torch.compile(self.step, dynamic=True, fullgraph=True,
                                       options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self.one_graph = True
+        # torch.compile compiles inside a call (the first, or a new batch size's), so the settings
+        # apply to every call. CUDA keeps inductor's defaults: these were measured on CPUs only.
+        on_cpu = model.tok_emb.weight.device.type == "cpu"
+        self.settings = torch._inductor.config.patch(**_CPU_SETTINGS) if on_cpu else contextlib.nullcontext()
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         try:
-            return self.compiled(self.model, input_ids, cache)
+            with self.settings:
+                return self.compiled(self.model, input_ids, cache)
         except LmzooError:
             raise
         except Exception as e:

@@ -78,7 +78,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
     # The prompt's logits are needed at its last position only: apply the head there alone.
     hidden = model.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, prefix_len=prefix_len)
     logits = model.lm_head(hidden[:, -1])
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
         token = token.masked_fill(done, -1)
         yield token
@@ -86,6 +86,8 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
             done = done | torch.isin(token, stops)
             if bool(done.all()):
                 return
+        if i == max_new_tokens - 1:  # the last token's own step would only fill the cache's last slot
+            return
         # Positions continue from the cache's record of real tokens, so padded rows stay aligned.
         logits = step(token.clamp(min=0)[:, None], cache)[:, -1]
 

@@ -143,7 +143,9 @@ def prepare_for_inference(model: nn.Module, quantize: str | None = None, compile
         from .quant import quantize as quantize_weights
 
         quantize_weights(model, quantize)
-    else:
+    elif not compile:
+        # A compiled step makes its own kernels for the plain weights (lmzoo.compiled); oneDNN's
+        # packed tensors are opaque to it, and a packed copy besides would be a third.
         pack_linears(model)
     if compile:
         from .compiled import CompiledDecodeStep

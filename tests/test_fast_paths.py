@@ -285,38 +285,60 @@ def test_prepared_model_equals_plain(name):
     assert len(packed) == 1 + 4 * 2 if PackedLinear.supports(torch.nn.Linear(2, 2)) else not packed
 
 
-def compiled_matches_eager(model, quantize=None):
+def compiled_matches_eager(model, quantize=None, batch=True):
     """Prepare `model` twice, eager and compiled, and check every decode step's logits (fp32: to
     1e-4; bf16 kernels: to two bf16 steps) and greedy tokens, for a left-padded batch (padding
-    masks inside the graph) and then a single prompt (another batch size, the same graph).
+    masks inside the graph; unless batch=False) and a single prompt (a graph of its own: one row).
     Returns the compiled model."""
     eager = prepare_for_inference(copy.deepcopy(model), quantize)
     compiled = prepare_for_inference(copy.deepcopy(model), quantize, compile=True)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (9, 4)]
     padded, padding = left_pad(prompts)
-    for ids, mask in ((padded, padding), (padded[:1], None)):
-        caches = [m.new_cache(ids.shape[0], ids.shape[1] + 8) for m in (eager, compiled)]
-        with torch.inference_mode():
+    for ids, mask in ((padded, padding), (padded[:1], None))[0 if batch else 1:]:
+        with torch.inference_mode():  # as in lmzoo.generate: a cache made outside would be another graph
+            caches = [m.new_cache(ids.shape[0], ids.shape[1] + 8) for m in (eager, compiled)]
             tokens = [eager.lm_head(eager.hidden_states(ids, attention_mask=mask, cache=c)[:, -1]).argmax(-1)
                       for c in caches]
             for _ in range(8):
                 assert torch.equal(tokens[0], tokens[1])
                 a = eager(tokens[0][:, None], cache=caches[0])
                 b = compiled.decode_step(tokens[1][:, None], caches[1])
-                # fp32 to 1e-4; quantized layers compute in bf16, so there to two bf16 steps of the largest logit
-                tol = 1e-4 if quantize is None else 2 ** -6 * a.abs().max().item()
+                # fp32 to 1e-4; bf16 weights, and quantized layers (they compute in bf16), to two bf16
+                # steps of the largest logit
+                fp32 = quantize is None and model.tok_emb.weight.dtype == torch.float32
+                tol = 1e-4 if fp32 else 2 ** -6 * a.abs().max().item()
                 assert (b - a).abs().max() <= tol, f"{quantize or 'fp32'}: {(b - a).abs().max():.3g} > {tol:.3g}"
                 tokens = [a[:, -1].argmax(-1), b[:, -1].argmax(-1)]
+    prompts = prompts if batch else prompts[:1]
     assert compiled.generate(prompts, 6) == eager.generate(prompts, 6)  # through lmzoo.generate
     return compiled
 
 
 def test_compiled_decode_step_equals_eager():
-    """The compiled decode step (lmzoo.compiled) against the eager one, on packed fp32 and then on
-    int4 weights in the same process: two compiled models must never share a graph."""
+    """The compiled decode step (lmzoo.compiled) against the eager one (packed weights), on fp32
+    and then on int4 weights in the same process: two compiled models must never share a graph."""
     for mode in (None, "int4"):
         assert compiled_matches_eager(small(), mode).decode_step.one_graph
+
+
+def test_compiled_step_runs_inductors_own_matrix_kernels(monkeypatch):
+    """On the CPU the compiled step's products run in kernels inductor generates for each shape,
+    wherever its benchmark at compile time finds them faster than ATen's (lmzoo.compiled). Here
+    ATen's are taken out of the choice and the graph cache is off (the count below is taken as the
+    kernels are written), so those kernels are built and run for every product of a one-row step:
+    fp32, bf16 and int8 steps equal eager."""
+    from torch._dynamo.utils import counters
+
+    from lmzoo import compiled
+
+    settings = dict(compiled._CPU_SETTINGS, max_autotune_gemm_backends="CPP", fx_graph_cache=False)
+    monkeypatch.setattr(compiled, "_CPU_SETTINGS", settings)
+    for model, mode in ((small(), None), (small().to(torch.bfloat16), None), (small(), "int8")):
+        counters.clear()
+        compiled_matches_eager(model, mode, batch=False)
+        kernels = counters["inductor"]["cpp_templated_kernel_counter"]
+        assert kernels == 2 * 4 + 1, f"{mode}: {kernels}"  # 2 layers x 4 products, and the head
 
 
 def test_compiled_decode_step_with_a_graph_break_and_with_an_adapter():
