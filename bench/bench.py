@@ -115,8 +115,11 @@ def _decode_variant(mode, compile=False):
             return decode(engine, args)
         t = time.perf_counter()
         new = variant(engine, mode, compile).generate(args.decode_ids, args.new_tokens)[:, args.decode_ids.shape[1]:]
+        seconds = time.perf_counter() - t
         assert new.shape[1] == args.new_tokens
-        return args.new_tokens / (time.perf_counter() - t)
+        if compile and mode == "fp32":  # the compiled fp32 step's greedy tokens, against transformers'
+            args.generated["lmzoo compiled"] = new[0].tolist()
+        return args.new_tokens / seconds
     how = ("compiled decode step, " if compile else "") + f"{mode} weights"
     row.__doc__ = f"decode as above, lmzoo with {how}, transformers in fp32"
     return row
@@ -418,10 +421,12 @@ def main(argv=None):
     notes = {"prefill_len": args.prefill_len, "decode_prompt_len": args.decode_ids.shape[1], "repeats": args.repeats,
              "new_tokens": args.new_tokens, "compile_seconds": getattr(ours, "compile_seconds", {}),
              "max_abs_logits_diff": diff, "max_abs_logits_diff_packed": packed, "lmzoo_path": os.path.dirname(lmzoo.__file__)}
-    if "lmzoo" in args.generated and "transformers" in args.generated:
-        a, b = args.generated["lmzoo"], args.generated["transformers"]
-        notes["decode_same_tokens"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        print(f"decode: the engines agree on the first {notes['decode_same_tokens']} of {args.new_tokens} new tokens")
+    for ours_name, key in (("lmzoo", "decode_same_tokens"), ("lmzoo compiled", "decode_compiled_same_tokens")):
+        if ours_name in args.generated and "transformers" in args.generated:
+            a, b = args.generated[ours_name], args.generated["transformers"]
+            notes[key] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            print(f"decode: {ours_name} and transformers agree on the first {notes[key]} of {args.new_tokens} "
+                  "new greedy tokens (fp32)")
 
     out = {"environment": env, "settings": notes, "rows": results}
     if not args.no_quality:
