@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import types
+import warnings
 
 import torch
 
@@ -44,6 +45,9 @@ def _decode_step(model, input_ids, cache):
 
 
 _COPIES = itertools.count()
+
+# torch 2.13's kernel benchmark calls a deprecated storage API: not the user's concern.
+warnings.filterwarnings("ignore", message="TypedStorage is deprecated", module="torch._inductor")
 
 # inductor's settings while the step compiles on a CPU (see above); quiet: the benchmark of each
 # shape's kernels would print a table per product.
