@@ -21,10 +21,10 @@ packed fp32 kernel ~20 GB/s: the whole step got 1.4-2x faster in fp32, bf16 and 
 the weights as constants of the graph ("freezing"), so the graph holds its own copy of them,
 laid out for its kernels. That costs a second copy of the weights, and time: the first compile
 benchmarks and builds those kernels (1-3 minutes on 2 cores), later processes find them in
-torch's compile cache (~40-60 s). So it is opt-in: `lmzoo generate --compile`.
+torch's compile cache (13-60 s). So it is opt-in: `lmzoo generate --compile`.
 
 It computes what the eager step computes: the tests check equal greedy tokens, and logits
-within fp32 rounding (to two bf16 steps for the bf16 kernels of int4/int8), in
+within fp32 rounding (to two bf16 steps for bf16 weights and the bf16 kernels of int4/int8), in
 tests/test_fast_paths.py.
 """
 
