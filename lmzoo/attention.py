@@ -77,9 +77,33 @@ class Attention(nn.Module):
 
 
 def sdpa(q, k, v, mask, is_causal):
+    if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
+        return one_query_attention(q, k, v, mask)
     if q.shape[1] != k.shape[1]:
         if _SDPA_HAS_GQA:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def one_query_attention(q, k, v, mask):
+    """SDPA for one query per row (a decode step), as a product, a softmax and a weighted sum, in fp32.
+
+    Compiled, this is one small matrix product and one fused loop: ~18 us per layer in the bf16
+    decode step on this 2-core CPU, where SDPA's kernel took ~62 us (its set-up per call dwarfs
+    the work: one query reads ~100 KB of keys and values). In A/B runs the compiled bf16 step got
+    ~15% faster (75-81 -> 86-95 tok/s); fp32 and int8 within noise. Eagerly these ops would be
+    slower than SDPA, so only the compiled step takes this path (`sdpa` above). The product stays
+    a product: as a sum of q * k, inductor recomputed q's rotary tables inside the loop over keys.
+    q [B, H, 1, D]; k, v [B, Hkv, Tk, D]; mask boolean [B|1, 1, 1, Tk] (True: attend) or None.
+    """
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    q = q.reshape(B, Hkv, H // Hkv, D).float()  # query head h reads key/value head h // (H / Hkv)
+    scores = torch.matmul(q, k.float().transpose(-1, -2)) * D ** -0.5  # [B, Hkv, H / Hkv, Tk]
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None, 0], float("-inf"))
+    weights = scores.softmax(-1)
+    out = (weights[..., None] * v[:, :, None].float()).sum(-2)  # [B, Hkv, H / Hkv, D]
+    return out.reshape(B, H, 1, D).to(v.dtype)

@@ -285,6 +285,27 @@ def test_prepared_model_equals_plain(name):
     assert len(packed) == 1 + 4 * 2 if PackedLinear.supports(torch.nn.Linear(2, 2)) else not packed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_equals_sdpa(dtype):
+    """The compiled decode step's attention (lmzoo.attention.one_query_attention) equals SDPA over
+    heads repeated for grouped queries, with and without a padding mask: fp32 to 1e-5, bf16 to
+    its rounding; and it hands back the dtype it was given."""
+    from lmzoo.attention import one_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 11, 16, generator=g).to(dtype) for _ in range(2))
+    padding = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+    padding[1, ..., :4] = False  # the second row's first four keys are padding
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for mask in (None, padding):
+        expected = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(3, 1),
+                                                  v.float().repeat_interleave(3, 1), attn_mask=mask)
+        out = one_query_attention(q, k, v, mask)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, **tol)
+
+
 def compiled_matches_eager(model, quantize=None, batch=True):
     """Prepare `model` twice, eager and compiled, and check every decode step's logits (fp32: to
     1e-4; bf16 kernels: to two bf16 steps) and greedy tokens, for a left-padded batch (padding
@@ -327,13 +348,18 @@ def test_compiled_step_runs_inductors_own_matrix_kernels(monkeypatch):
     wherever its benchmark at compile time finds them faster than ATen's (lmzoo.compiled). Here
     ATen's are taken out of the choice and the graph cache is off (the count below is taken as the
     kernels are written), so those kernels are built and run for every product of a one-row step:
-    fp32, bf16 and int8 steps equal eager."""
+    fp32, bf16 and int8 steps equal eager. Attention runs as SDPA here: its query-key product
+    (one_query_attention) has no template kernel (the keys are no weight), and without ATen's it
+    would have no kernel at all."""
     from torch._dynamo.utils import counters
 
-    from lmzoo import compiled
+    from lmzoo import attention, compiled
 
     settings = dict(compiled._CPU_SETTINGS, max_autotune_gemm_backends="CPP", fx_graph_cache=False)
     monkeypatch.setattr(compiled, "_CPU_SETTINGS", settings)
+    monkeypatch.setattr(attention, "one_query_attention", lambda q, k, v, mask: F.scaled_dot_product_attention(
+        q, k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1),
+        attn_mask=mask))
     for model, mode in ((small(), None), (small().to(torch.bfloat16), None), (small(), "int8")):
         counters.clear()
         compiled_matches_eager(model, mode, batch=False)
