@@ -21,7 +21,7 @@ packed fp32 kernel ~20 GB/s: the whole step got 1.4-2x faster in fp32, bf16 and 
 the weights as constants of the graph ("freezing"), so the graph holds its own copy of them,
 laid out for its kernels. That costs a second copy of the weights, and time: the first compile
 benchmarks and builds those kernels (1-3 minutes on 2 cores), later processes find them in
-torch's compile cache (13-60 s). So it is opt-in: `lmzoo generate --compile`.
+torch's compile cache (13-90 s). So it is opt-in: `lmzoo generate --compile`.
 
 Inside the compiled step attention for the one new query is a small product, a softmax and a
 weighted sum that inductor fuses (lmzoo.attention.one_query_attention): SDPA's CPU kernel spent
