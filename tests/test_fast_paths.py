@@ -306,6 +306,44 @@ def test_one_query_attention_equals_sdpa(dtype):
         torch.testing.assert_close(out.float(), expected, **tol)
 
 
+@pytest.mark.parametrize("case", ["causal", "virtual keys and padding"])
+def test_attention_by_products_equals_sdpa(case):
+    """bf16 training's attention on a CPU (lmzoo.attention.attention_by_products) against fp32
+    SDPA over heads repeated for grouped queries: the output and the gradients of q, k and v
+    within bf16 rounding; a row whose keys are all hidden comes out finite, not NaN."""
+    from lmzoo.attention import attention_by_products
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, D = 2, 6, 2, 9, 16
+    P = 0 if case == "causal" else 3  # P-tuning v2's virtual keys, in front
+    q = torch.randn(B, H, T, D, generator=g)
+    k, v = (torch.randn(B, Hkv, P + T, D, generator=g) for _ in range(2))
+    mask = None
+    if P:
+        text = torch.ones(T, T, dtype=torch.bool).tril()
+        mask = torch.cat([torch.ones(T, P, dtype=torch.bool), text], 1)[None, None].repeat(B, 1, 1, 1)
+        mask[1, :, :, P:P + 2] = False  # the second row's first two tokens are padding
+    upstream = torch.randn(B, H, T, D, generator=g)
+    grads = []
+    for dtype in (torch.float32, torch.bfloat16):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+        if dtype == torch.float32:
+            a, b, c = leaves
+            out = F.scaled_dot_product_attention(a, b.repeat_interleave(3, 1), c.repeat_interleave(3, 1),
+                                                 attn_mask=mask, is_causal=not P)
+        else:
+            out = attention_by_products(*leaves, mask, not P)
+            assert out.dtype == torch.bfloat16
+        out.backward(upstream.to(dtype))
+        grads.append([out.detach().float()] + [t.grad.float() for t in leaves])
+    for name, expected, got in zip(("out", "q", "k", "v"), *grads):
+        scale = expected.abs().max().item()
+        assert (got - expected).abs().max().item() <= 2 ** -6 * scale, name
+    if P:
+        mask[0, :, 0] = False  # the first query of row 0 sees nothing at all
+        assert attention_by_products(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, False).isfinite().all()
+
+
 def compiled_matches_eager(model, quantize=None, batch=True):
     """Prepare `model` twice, eager and compiled, and check every decode step's logits (fp32: to
     1e-4; bf16 kernels: to two bf16 steps) and greedy tokens, for a left-padded batch (padding
