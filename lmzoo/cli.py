@@ -32,7 +32,7 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile: 1-3 minutes once (less when torch's "
                         "compile cache already holds its kernels) and a second copy of the weights, then "
-                        "1.6-3.1x faster tokens on CPU; needs a C++ compiler")
+                        "1.5-3.1x faster tokens on CPU; needs a C++ compiler")
 
 
 def build_parser() -> argparse.ArgumentParser:
