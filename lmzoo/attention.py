@@ -106,15 +106,9 @@ def one_query_attention(q, k, v, mask):
     a product: as a sum of q * k, inductor recomputed q's rotary tables inside the loop over keys.
     q [B, H, 1, D]; k, v [B, Hkv, Tk, D]; mask boolean [B|1, 1, 1, Tk] (True: attend) or None.
     """
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    q = q.reshape(B, Hkv, H // Hkv, D).float()  # query head h reads key/value head h // (H / Hkv)
-    scores = torch.matmul(q, k.float().transpose(-1, -2)) * D ** -0.5  # [B, Hkv, H / Hkv, Tk]
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, None, 0], float("-inf"))
-    weights = scores.softmax(-1)
-    out = (weights[..., None] * v[:, :, None].float()).sum(-2)  # [B, Hkv, H / Hkv, D]
-    return out.reshape(B, H, 1, D).to(v.dtype)
+    weights = grouped_scores(q.float(), k.float(), mask, False).softmax(-1)  # [B, Hkv, H / Hkv, 1, Tk]
+    out = (weights[..., None] * v[:, :, None, None].float()).sum(-2)  # [B, Hkv, H / Hkv, 1, D]
+    return out.reshape(q.shape).to(v.dtype)
 
 
 def attention_by_products(q, k, v, mask, is_causal):
@@ -128,14 +122,22 @@ def attention_by_products(q, k, v, mask, is_causal):
     weights (4.7 MB a layer at [4, 256]), where flash keeps a log-sum-exp per query.
     q [B, H, T, D]; k, v [B, Hkv, Tk, D]; mask boolean [B|1, 1, T, Tk] (True: attend) or None.
     """
+    B, H, T, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    weights = grouped_scores(q, k, mask, is_causal).softmax(-1)
+    return (weights.view(B, Hkv, H // Hkv * T, Tk) @ v).view(q.shape)
+
+
+def grouped_scores(q, k, mask, is_causal):
+    """The scaled, masked scores q k^T / sqrt(D) [B, Hkv, H / Hkv, T, Tk] of the two functions
+    above, as one matrix product per key/value head: query head h reads key/value head h // (H / Hkv).
+    Hidden keys get the dtype's lowest value, not -inf: a row whose keys are all hidden (padding)
+    then stays finite, not NaN."""
     B, H, T, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    group = H // Hkv  # query head h reads key/value head h // group
-    scores = (q.reshape(B, Hkv, group * T, D) @ k.transpose(-1, -2)).view(B, Hkv, group, T, Tk) * D ** -0.5
+    scores = (q.reshape(B, Hkv, H // Hkv * T, D) @ k.transpose(-1, -2)).view(B, Hkv, H // Hkv, T, Tk) * D ** -0.5
     if is_causal:  # top-left aligned, as SDPA's is_causal
         mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril()[None, None]
     if mask is not None:
-        # the lowest bf16, not -inf: a row whose keys are all hidden (padding) stays finite, not NaN
         scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
-    weights = scores.softmax(-1)
-    return (weights.view(B, Hkv, group * T, Tk) @ v).view(B, H, T, D)
+    return scores
