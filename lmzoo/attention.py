@@ -10,6 +10,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import Config
+from .linear import Linear
 from .rope import apply_rope
 
 # SDPA learned to broadcast key/value heads (GQA) in torch 2.5; before that, repeat them.
@@ -38,12 +39,12 @@ class Attention(nn.Module):
         self.split = (q_out, kv_out, kv_out)
         if c.fused_qkv:
             # Qwen1 and ChatGLM: one matrix whose output is all-Q | all-K | all-V.
-            self.qkv = nn.Linear(c.d_model, sum(self.split), bias=c.qkv_bias)
+            self.qkv = Linear(c.d_model, sum(self.split), bias=c.qkv_bias)
         else:
-            self.q = nn.Linear(c.d_model, q_out, bias=c.qkv_bias)
-            self.k = nn.Linear(c.d_model, kv_out, bias=c.qkv_bias)
-            self.v = nn.Linear(c.d_model, kv_out, bias=c.qkv_bias)
-        self.o = nn.Linear(q_out, c.d_model, bias=c.o_bias)
+            self.q = Linear(c.d_model, q_out, bias=c.qkv_bias)
+            self.k = Linear(c.d_model, kv_out, bias=c.qkv_bias)
+            self.v = Linear(c.d_model, kv_out, bias=c.qkv_bias)
+        self.o = Linear(q_out, c.d_model, bias=c.o_bias)
 
     def project(self, x: torch.Tensor, rope: list | None):
         """q [B, H, T, D], k and v [B, Hkv, T, D], with q and k rotated."""

@@ -27,6 +27,8 @@ import weakref
 import torch
 from torch import nn
 
+from .linear import Linear, is_plain_linear
+
 # Packed weights by handle, for the compiled decode step (lmzoo.compiled): torch.compile cannot
 # trace an opaque oneDNN tensor, so a compiled graph calls `lmzoo::packed_linear` with the
 # weight's handle instead, and the op runs outside the graph. Weak: a freed module frees its weight.
@@ -66,7 +68,7 @@ class PackedLinear(nn.Module):
     @staticmethod
     def supports(linear: nn.Module) -> bool:
         """A plain CPU nn.Linear in fp32 (or bf16 where the CPU computes bf16 natively)."""
-        if type(linear) is not nn.Linear or linear.weight.device.type != "cpu":
+        if not is_plain_linear(linear) or linear.weight.device.type != "cpu":
             return False
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
             return False
@@ -87,11 +89,11 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(eye, self.packed, None, "none", [None], "").t().contiguous()
 
 
-def _fused(linears: list[nn.Linear]) -> nn.Linear:
-    """One nn.Linear whose output rows are the given layers' outputs, one after the other."""
+def _fused(linears: list[nn.Linear]) -> Linear:
+    """One Linear whose output rows are the given layers' outputs, one after the other."""
     first = linears[0]
-    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
-                      device=first.weight.device, dtype=first.weight.dtype)
+    fused = Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                   device=first.weight.device, dtype=first.weight.dtype)
     fused.weight.data = torch.cat([m.weight.detach() for m in linears])
     if first.bias is not None:
         fused.bias.data = torch.cat([m.bias.detach() for m in linears])
@@ -107,11 +109,11 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     from .mlp import MLP
 
     for m in model.modules():
-        if isinstance(m, Attention) and not hasattr(m, "qkv") and all(type(getattr(m, n)) is nn.Linear for n in "qkv"):
+        if isinstance(m, Attention) and not hasattr(m, "qkv") and all(is_plain_linear(getattr(m, n)) for n in "qkv"):
             m.qkv = _fused([m.q, m.k, m.v])
             del m.q, m.k, m.v
         elif isinstance(m, MLP) and m.gated and not hasattr(m, "gate_up") and \
-                type(m.gate) is nn.Linear and type(m.up) is nn.Linear:
+                is_plain_linear(m.gate) and is_plain_linear(m.up):
             m.gate_up = _fused([m.gate, m.up])
             del m.gate, m.up
     return model

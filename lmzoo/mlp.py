@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
+from .linear import Linear
 from .recompute import recomputed
 
 ACTIVATIONS = {
@@ -25,13 +26,13 @@ class MLP(nn.Module):
         self.gated = c.mlp == "swiglu"
         if self.gated and c.fused_gate_up:
             # ChatGLM's dense_h_to_4h: one matrix, first half gate, second half up.
-            self.gate_up = nn.Linear(c.d_model, 2 * c.d_ff, bias=c.mlp_bias)
+            self.gate_up = Linear(c.d_model, 2 * c.d_ff, bias=c.mlp_bias)
         elif self.gated:
-            self.gate = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
-            self.up = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
+            self.gate = Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
+            self.up = Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
         else:
-            self.up = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
-        self.down = nn.Linear(c.d_ff, c.d_model, bias=c.mlp_bias)
+            self.up = Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
+        self.down = Linear(c.d_ff, c.d_model, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:

@@ -17,6 +17,7 @@ from .attention import Attention, Step
 from .cache import KVCache
 from .config import Config
 from .errors import LmzooError
+from .linear import Linear, g_w, is_plain_linear, uses_onednn, x_wt
 from .masks import build_mask, prefix_end_slots
 from .mlp import MLP, MoE
 from .recompute import recomputed
@@ -126,7 +127,7 @@ class Decoder(nn.Module):
             self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model)
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.final_norm = make_norm(c) if c.final_norm else nn.Identity()
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.gradient_checkpointing = False  # recompute each block's activations in backward
@@ -364,7 +365,7 @@ class Decoder(nn.Module):
             targeted = labels != -100
             prefix_len = torch.where(targeted.any(1), targeted.int().argmax(1), 0)
         head = self.lm_head
-        if type(head) is not nn.Linear or head.bias is not None or _is_sharded(head.weight):
+        if not is_plain_linear(head) or head.bias is not None or _is_sharded(head.weight):
             # a LoRA or quantized head, or FSDP (which gathers weights in forward hooks): the plain way
             logits = self(input_ids, prefix_len=prefix_len, **kwargs)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
@@ -409,16 +410,23 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         # the first chunk writes grad_w whole (beta=0 below); with no rows at all it stays zero
         grad_w = (torch.empty_like if len(h) else torch.zeros_like)(weight, dtype=torch.float32) if want_w else None
-        # One logits buffer serves every chunk: a fresh one per chunk would be new memory each
-        # time (large blocks come straight from the OS, page by page: in bf16, where each chunk
-        # also has an fp32 copy and a bf16 gradient, those page faults cost ~4% of a LoRA step).
+        # In fp32 on a CPU, oneDNN makes each chunk's logits (lmzoo.linear): faster than MKL's
+        # product, even into a fresh output. Otherwise one logits buffer serves every chunk: a
+        # fresh one per chunk would be new memory each time (large blocks come straight from the
+        # OS, page by page: in bf16, where each chunk also has an fp32 copy and a bf16 gradient,
+        # those page faults cost ~4% of a LoRA step).
+        onednn = uses_onednn(h, weight)
         n = min(rows, h.shape[0])
-        buffer = h.new_empty(n, weight.shape[0])
+        buffer = None if onednn else h.new_empty(n, weight.shape[0])
         buffer32 = buffer if h.dtype == torch.float32 else buffer.new_empty(n, weight.shape[0], dtype=torch.float32)
         for i in range(0, h.shape[0], rows):
             hc, yc = h[i:i + rows], y[i:i + rows]
-            logits = torch.matmul(hc, weight.t(), out=buffer[:len(yc)])
-            logits = buffer32[:len(yc)].copy_(logits) if buffer32 is not buffer else logits
+            if onednn:
+                logits = p = g = None  # the last chunk's logits go before this one's are made
+                logits = x_wt(hc, weight)
+            else:
+                logits = torch.matmul(hc, weight.t(), out=buffer[:len(yc)])
+                logits = buffer32[:len(yc)].copy_(logits) if buffer32 is not buffer else logits
             target = logits.gather(1, yc[:, None]).squeeze(1)
             # logsumexp by hand, in place: logits.logsumexp() would make a second [rows, vocab] tensor
             top = logits.amax(-1, keepdim=True)
@@ -429,7 +437,9 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
                 g = p.div_(norm)
                 g[torch.arange(len(yc), device=g.device), yc] -= 1
                 g = buffer[:len(yc)].copy_(g) if g.dtype != h.dtype else g  # back to h's dtype, in place
-                if want_h:
+                if want_h and onednn:
+                    torch.mul(g_w(g, weight), scale, out=grad_h[i:i + len(yc)])
+                elif want_h:
                     out = grad_h[i:i + len(yc)]
                     torch.addmm(out, g, weight.to(h.dtype), beta=0, alpha=scale, out=out)
                 first = 0 if i == 0 else 1  # beta: the first chunk writes grad_w, the others add to it

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import LmzooError
+from .linear import is_plain_linear
 
 MODES = ("int8", "int4")
 
@@ -116,7 +117,7 @@ def quantize(model: nn.Module, mode: str = "int8", *, group_size: int = 32, head
     from .inference import fuse_projections
 
     fuse_projections(model)
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    targets = [(name, m) for name, m in model.named_modules() if is_plain_linear(m)]
     for name, linear in targets:
         if name == "lm_head" and not head:
             continue

@@ -1,9 +1,13 @@
 """The training fast paths equal the plain ones: LoRA's autograd Function against plain autograd
-ops, the gated MLP's recomputing backward against autograd's, values and gradients."""
+ops, the gated MLP's recomputing backward against autograd's, oneDNN's linear products against
+F.linear's, values and gradients."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+import lmzoo.linear as linear_module
 
 from lmzoo.mlp import ACTIVATIONS, Gated
 from lmzoo.model import RMSNorm
@@ -287,3 +291,81 @@ def test_recomputed_activations_are_not_held_after_forward(method, monkeypatch):
     assert all(ref() is None for ref in outputs)
     loss.backward()
     assert len(reads) == 6 * len(model.blocks) and len(rebuilt) == 3 * len(model.blocks)
+
+
+ONEDNN = linear_module._ONEDNN
+
+
+def linear_outputs(fn, x, weight, bias, wrt):
+    y = fn(x, weight, bias)
+    torch.manual_seed(3)
+    grads = torch.autograd.grad(y, wrt, torch.randn(y.shape, dtype=y.dtype))
+    return [y.detach(), *grads]
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch has no oneDNN matmul")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_onednn_linear_equals_f_linear(monkeypatch, bias, weight_trains):
+    """lmzoo.linear.linear in fp32 on a CPU runs x W^T and g W on oneDNN (each call counted
+    here) and gives F.linear's values and gradients to fp32 rounding, frozen weight or not."""
+    calls = []
+    onednn = linear_module._onednn
+    monkeypatch.setattr(linear_module, "_onednn", lambda *a: calls.append(a[1].shape) or onednn(*a))
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, 96, requires_grad=True)
+    weight = torch.randn(80, 96, requires_grad=weight_trains)
+    b = torch.randn(80, requires_grad=weight_trains) if bias else None
+    wrt = [x] + ([weight] + ([b] if bias else []) if weight_trains else [])
+    got = linear_outputs(linear_module.linear, x, weight, b, wrt)
+    assert calls == [(80, 96), (96, 80)]  # forward with W, the gradient for x with W^T
+    want = linear_outputs(F.linear, x, weight, b, wrt)
+    assert len(got) == len(want) == 1 + len(wrt)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+    with torch.no_grad():  # inference: the same product, without an autograd Function
+        y = linear_module.linear(x, weight, b)
+    assert y.grad_fn is None and len(calls) == 3
+    torch.testing.assert_close(y, want[0], rtol=1e-5, atol=1e-5 * want[0].abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_linear_outside_fp32_is_f_linear_itself(monkeypatch, dtype):
+    """Anything but fp32 on a CPU (here fp64 and bf16) takes F.linear unchanged: identical bits."""
+    monkeypatch.setattr(linear_module, "_onednn", lambda *a: pytest.fail("oneDNN was called"))
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 24, dtype=dtype, requires_grad=True)
+    weight = torch.randn(16, 24, dtype=dtype, requires_grad=True)
+    for a, w in zip(linear_outputs(linear_module.linear, x, weight, None, [x, weight]),
+                    linear_outputs(F.linear, x, weight, None, [x, weight])):
+        assert torch.equal(a, w)
+    with pytest.raises(RuntimeError):  # a shape mismatch gets F.linear's own error
+        linear_module.linear(torch.randn(2, 23), torch.randn(16, 24))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full fine-tuning"])
+def test_model_training_step_equals_the_mkl_one(monkeypatch, adapter):
+    """A whole tiny model's loss and gradients (LoRA adapters or every weight, the head's chunked
+    loss, the blocks) with oneDNN's products equal those with F.linear everywhere, to fp32 rounding."""
+    from lmzoo.model import ChunkedHeadCrossEntropy
+    from lmzoo.peft import LoraConfig, add_lora
+    from tiny import tiny_model
+
+    def loss_and_grads():
+        model = tiny_model(d_model=64, d_ff=128, vocab_size=300)
+        if adapter == "lora":
+            add_lora(model, LoraConfig(r=4, alpha=8, targets=("q", "k", "v", "o", "gate", "up", "down")))
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data.normal_(std=0.1)  # a fresh B is zero: make every adapter matter
+        loss = model.loss(torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(1)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [loss.detach(), *torch.autograd.grad(loss, params)]
+
+    monkeypatch.setattr(ChunkedHeadCrossEntropy, "rows", 7)  # several chunks
+    fast = loss_and_grads()
+    monkeypatch.setattr(linear_module, "_ONEDNN", False)
+    plain = loss_and_grads()
+    assert len(fast) == len(plain) > 20
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

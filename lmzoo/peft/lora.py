@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LmzooError
+from ..linear import Linear, g_w, linear, x_wt
 
 LINEAR_NAMES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "lm_head", "router")
 SLICE_NAMES = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
@@ -70,7 +71,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         h = self.dropout(x)
         keys = [name or "all" for name in self.slices]
         As, Bs = [self.lora_A[k] for k in keys], [self.lora_B[k] for k in keys]
@@ -124,7 +125,7 @@ class LoRAFunction(torch.autograd.Function):
     def forward(ctx, x, h, weight, bias, scale, slices, *adapters):
         As, Bs = adapters[:len(slices)], adapters[len(slices):]
         x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-        y = F.linear(x2, weight, bias)
+        y = x_wt(x2, weight, bias)
         Ah = [A.to(h2.dtype) @ h2.t() for A in As]  # [r, tokens] each
         for (start, rows), a, B in zip(slices, Ah, Bs):
             y[:, start:start + rows].addmm_(a.t(), B.to(y.dtype).t(), alpha=scale)
@@ -141,7 +142,7 @@ class LoRAFunction(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])
         need_x, need_h, need_w, need_b = ctx.needs_input_grad[:4]
         need_A, need_B = ctx.needs_input_grad[6:6 + n], ctx.needs_input_grad[6 + n:]
-        grad_x = g @ weight.to(g.dtype) if need_x else None
+        grad_x = g_w(g, weight.to(g.dtype)) if need_x else None
         grad_h = grad_x if ctx.same_h else (g.new_zeros(g.shape[0], As[0].shape[1]) if need_h else None)
         grad_A, grad_B = [], []
         for i, ((start, rows), A, B, a) in enumerate(zip(ctx.slices, As, Bs, Ah)):
@@ -235,7 +236,7 @@ def strip_lora(model) -> None:
     """Merge, then turn every LoRALinear back into a plain nn.Linear (for saving a base model)."""
     merge_lora(model)
     for name, m in lora_modules(model):
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         plain.weight, plain.bias = m.weight, m.bias
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
