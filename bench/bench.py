@@ -290,13 +290,13 @@ def load_engines():
 
 
 def check_same_model(ours, theirs, ids):
-    """The loaded models agree exactly (same weights, same sums); the prepared (packed) one within
-    fp32 summation order."""
+    """The loaded models agree to fp32 summation order (the same weights; lmzoo's products run on
+    oneDNN, transformers' on MKL: lmzoo.linear), and the prepared (packed) one too."""
     with torch.inference_mode():
         plain = ours.plain(ids)
         diff = (plain - theirs.logits(ids)).abs().max().item()
         packed = (ours.logits(ids) - plain).abs().max().item()
-    assert diff < 1e-4, f"the engines disagree: max |logits diff| = {diff:.3g}"
+    assert diff < 1e-5 * plain.abs().max().item(), f"the engines disagree: max |logits diff| = {diff:.3g}"
     assert packed < 1e-3 * plain.abs().max().item(), f"packed weights change logits by {packed:.3g}"
     return diff, packed
 

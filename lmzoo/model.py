@@ -40,30 +40,32 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return RMSNormFunction.apply(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op, the same numbers
-        if torch.is_grad_enabled():
-            return LowPrecisionRMSNorm.apply(x, self.weight, self.eps)
-        return low_precision_rms_norm(x, self.weight, self.eps)[0]
+        return rms_norm(x, self.weight, self.eps)[0]
 
 
-def low_precision_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(weight * normalised x, 1/rms per row) for a bf16/fp16 x, as Llama's reference computes it:
-    the statistics in fp32, the normalised x rounded to x's dtype, then times the weight."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(weight * normalised x, 1/rms per row), as Llama's reference computes it: the statistics in
+    fp32, the normalised x rounded to x's dtype (bf16, fp16), then times the weight."""
     x32 = x.float()
     r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     xn = x32 * r if x32 is x else x32.mul_(r)  # in place only on our own fp32 copy, never on x
     return weight * xn.to(x.dtype), r
 
 
-class LowPrecisionRMSNorm(torch.autograd.Function):
-    """low_precision_rms_norm with a hand-written backward that keeps only x and the per-row
-    scale: autograd of those five ops kept fp32 copies of x, ~190 MB of a bf16 LoRA step's peak
-    here. The same forward numbers; gradients within bf16 rounding."""
+class RMSNormFunction(torch.autograd.Function):
+    """rms_norm with a hand-written backward that keeps only x and the per-row scale. In bf16,
+    autograd of those five ops kept fp32 copies of x, ~190 MB of a bf16 LoRA step's peak here. In
+    fp32 the fused F.rms_norm's backward is a chain of autograd ops: 2.8-3.0 ms per [4, 256, 576]
+    forward + backward here, against 0.6-1.4 ms for this one. The same forward numbers; gradients
+    within the dtype's rounding."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, r = low_precision_rms_norm(x, weight, eps)
+        y, r = rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, r)
         return y
 
@@ -399,13 +401,15 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
     F.cross_entropy(reduction="sum") * scale up to fp32 summation order."""
 
     # [256, vocab] fp32 logits: 48 MB for a 49k vocabulary. 1024 rows run the head's products a
-    # little faster (about 2% of a fine-tuning step here) for 144 MB more peak memory.
+    # little faster (about 2% of a fine-tuning step here) for 144 MB more peak memory. oneDNN's
+    # products (fp32) write a fresh output per chunk, so there a chunk keeps its logits under
+    # 31 MB (165 rows here): glibc maps anything over 32 MB straight from the OS, and a fresh
+    # 48 MB chunk page-faulted 49k times a step (the head took the same time at 160 rows).
     rows = 256
 
     @staticmethod
     def forward(ctx, h, weight, y, scale=1.0):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        rows = ChunkedHeadCrossEntropy.rows
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
         # the first chunk writes grad_w whole (beta=0 below); with no rows at all it stays zero
@@ -416,6 +420,9 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         # OS, page by page: in bf16, where each chunk also has an fp32 copy and a bf16 gradient,
         # those page faults cost ~4% of a LoRA step).
         onednn = uses_onednn(h, weight)
+        rows = ChunkedHeadCrossEntropy.rows
+        if onednn:  # fresh logits of at most 31 MB, which glibc serves from its heap (see `rows`)
+            rows = min(rows, max(64, (31 << 20) // (4 * weight.shape[0])))
         n = min(rows, h.shape[0])
         buffer = None if onednn else h.new_empty(n, weight.shape[0])
         buffer32 = buffer if h.dtype == torch.float32 else buffer.new_empty(n, weight.shape[0], dtype=torch.float32)
