@@ -27,7 +27,7 @@ import weakref
 import torch
 from torch import nn
 
-from .linear import Linear, is_plain_linear
+from .linear import ONEDNN, Linear, is_plain_linear, onednn_linear
 
 # Packed weights by handle, for the compiled decode step (lmzoo.compiled): torch.compile cannot
 # trace an opaque oneDNN tensor, so a compiled graph calls `lmzoo::packed_linear` with the
@@ -38,7 +38,7 @@ _HANDLES = itertools.count()
 
 @torch.library.custom_op("lmzoo::packed_linear", mutates_args=())
 def _packed_linear(x: torch.Tensor, handle: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, _PACKED[handle], bias, "none", [None], "")
+    return onednn_linear(x, _PACKED[handle], bias)
 
 
 @_packed_linear.register_fake
@@ -70,7 +70,7 @@ class PackedLinear(nn.Module):
         """A plain CPU nn.Linear in fp32 (or bf16 where the CPU computes bf16 natively)."""
         if not is_plain_linear(linear) or linear.weight.device.type != "cpu":
             return False
-        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        if not ONEDNN:
             return False
         dtype = linear.weight.dtype
         return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -79,14 +79,14 @@ class PackedLinear(nn.Module):
         if torch.compiler.is_compiling():
             return _packed_linear(x.to(self.dtype), self.handle, self.out_features, self.bias).to(x.dtype)
         if x.dtype == self.dtype:  # the usual case: one op, any number of leading dims
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
-        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [None], "")
+            return onednn_linear(x, self.packed, self.bias)
+        y = onednn_linear(x.to(self.dtype), self.packed, self.bias)
         return y.to(x.dtype)
 
     def unpacked(self) -> torch.Tensor:
         """The weight as a plain [out, in] tensor (for tests and inspection)."""
         eye = torch.eye(self.in_features, dtype=self.dtype)
-        return torch.ops.mkldnn._linear_pointwise(eye, self.packed, None, "none", [None], "").t().contiguous()
+        return onednn_linear(eye, self.packed).t().contiguous()
 
 
 def _fused(linears: list[nn.Linear]) -> Linear:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _plain_fp32_cpu(t: torch.Tensor) -> bool:
@@ -33,7 +33,7 @@ def _plain_fp32_cpu(t: torch.Tensor) -> bool:
 def uses_onednn(a: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a product of `a` with a 2-D `weight` takes oneDNN: fp32 on a CPU, plain tensors
     (not sharded or traced ones), a contiguous weight, outside autocast and compiled graphs."""
-    return (_ONEDNN and _plain_fp32_cpu(a) and _plain_fp32_cpu(weight) and weight.dim() == 2
+    return (ONEDNN and _plain_fp32_cpu(a) and _plain_fp32_cpu(weight) and weight.dim() == 2
             and weight.is_contiguous() and a.numel() > 0
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
@@ -43,30 +43,31 @@ def _forward_on_onednn(x, weight, bias) -> bool:
     return uses_onednn(x, weight) and x.shape[-1] == weight.shape[1] and (bias is None or _plain_fp32_cpu(bias))
 
 
-def _onednn(a, weight_as_linear, bias=None):
+def onednn_linear(a: torch.Tensor, weight_as_linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a W^T + b on oneDNN, for a plain or an oneDNN-packed (lmzoo.inference.PackedLinear) W."""
     return torch.ops.mkldnn._linear_pointwise(a, weight_as_linear, bias, "none", [None], "")
 
 
 def x_wt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b, as F.linear, for the inside of autograd Functions (no graph is recorded)."""
-    return _onednn(x, weight, bias) if _forward_on_onednn(x, weight, bias) else F.linear(x, weight, bias)
+    return onednn_linear(x, weight, bias) if _forward_on_onednn(x, weight, bias) else F.linear(x, weight, bias)
 
 
 def g_w(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """g W: the gradient of x W^T for x, given the output's gradient g [..., out]."""
     if uses_onednn(g, weight) and g.shape[-1] == weight.shape[0]:
-        return _onednn(g, weight.t())
+        return onednn_linear(g, weight.t())
     return g @ weight
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """F.linear with its x W^T and g W products on oneDNN (x_wt, g_w); the weight's gradient
+    """F.linear with its x W^T and g W products on oneDNN (`g_w`); the weight's gradient
     g^T x and the bias's as autograd computes them."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
-        return x_wt(x, weight, bias)
+        return onednn_linear(x, weight, bias)  # `linear` checked that oneDNN takes it
 
     @staticmethod
     @once_differentiable
@@ -85,7 +86,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _OneDnnLinear.apply(x, weight, bias)
-    return _onednn(x, weight, bias)
+    return onednn_linear(x, weight, bias)
 
 
 class Linear(nn.Linear):

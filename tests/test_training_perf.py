@@ -296,7 +296,7 @@ def test_recomputed_activations_are_not_held_after_forward(method, monkeypatch):
     assert len(reads) == 6 * len(model.blocks) and len(rebuilt) == 3 * len(model.blocks)
 
 
-ONEDNN = linear_module._ONEDNN
+ONEDNN = linear_module.ONEDNN
 
 
 def linear_outputs(fn, x, weight, bias, wrt):
@@ -313,8 +313,8 @@ def test_onednn_linear_equals_f_linear(monkeypatch, bias, weight_trains):
     """lmzoo.linear.linear in fp32 on a CPU runs x W^T and g W on oneDNN (each call counted
     here) and gives F.linear's values and gradients to fp32 rounding, frozen weight or not."""
     calls = []
-    onednn = linear_module._onednn
-    monkeypatch.setattr(linear_module, "_onednn", lambda *a: calls.append(a[1].shape) or onednn(*a))
+    onednn = linear_module.onednn_linear
+    monkeypatch.setattr(linear_module, "onednn_linear", lambda *a: calls.append(a[1].shape) or onednn(*a))
     torch.manual_seed(0)
     x = torch.randn(3, 37, 96, requires_grad=True)
     weight = torch.randn(80, 96, requires_grad=weight_trains)
@@ -335,7 +335,7 @@ def test_onednn_linear_equals_f_linear(monkeypatch, bias, weight_trains):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_linear_outside_fp32_is_f_linear_itself(monkeypatch, dtype):
     """Anything but fp32 on a CPU (here fp64 and bf16) takes F.linear unchanged: identical bits."""
-    monkeypatch.setattr(linear_module, "_onednn", lambda *a: pytest.fail("oneDNN was called"))
+    monkeypatch.setattr(linear_module, "onednn_linear", lambda *a: pytest.fail("oneDNN was called"))
     torch.manual_seed(0)
     x = torch.randn(2, 5, 24, dtype=dtype, requires_grad=True)
     weight = torch.randn(16, 24, dtype=dtype, requires_grad=True)
@@ -367,7 +367,7 @@ def test_model_training_step_equals_the_mkl_one(monkeypatch, adapter):
 
     monkeypatch.setattr(ChunkedHeadCrossEntropy, "rows", 7)  # several chunks
     fast = loss_and_grads()
-    monkeypatch.setattr(linear_module, "_ONEDNN", False)
+    monkeypatch.setattr(linear_module, "ONEDNN", False)
     plain = loss_and_grads()
     assert len(fast) == len(plain) > 20
     for a, b in zip(fast, plain):
