@@ -17,7 +17,8 @@ from .attention import Attention, Step
 from .cache import KVCache
 from .config import Config
 from .errors import LmzooError
-from .linear import Linear, g_w, is_plain_linear, uses_onednn, x_wt
+from .head_loss import ChunkedHeadCrossEntropy
+from .linear import Linear, is_plain_linear
 from .masks import build_mask, prefix_end_slots
 from .mlp import MLP, MoE
 from .recompute import recomputed
@@ -395,79 +396,3 @@ def _is_sharded(weight: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(weight, DTensor)
-
-
-class ChunkedHeadCrossEntropy(torch.autograd.Function):
-    """scale * sum_i cross_entropy(h_i W^T, y_i) over rows h [N, d], with its gradients,
-    computed `rows` rows at a time: the logits of one chunk (in fp32) are the largest thing
-    alive, and the gradients for h and W are accumulated while the chunk is at hand, so the
-    backward pass has nothing left to do for a plain loss.backward() (the gradient handed back
-    is then the accumulated one itself: no copy of a [vocab, d] matrix). Equals
-    F.cross_entropy(reduction="sum") * scale up to fp32 summation order."""
-
-    # [256, vocab] fp32 logits: 48 MB for a 49k vocabulary. 1024 rows run the head's products a
-    # little faster (about 2% of a fine-tuning step here) for 144 MB more peak memory. oneDNN's
-    # products (fp32) write a fresh output per chunk, so there a chunk keeps its logits under
-    # 31 MB (165 rows here): glibc maps anything over 32 MB straight from the OS, and a fresh
-    # 48 MB chunk page-faulted 49k times a step (the head took the same time at 160 rows).
-    rows = 256
-
-    @staticmethod
-    def forward(ctx, h, weight, y, scale=1.0):
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if want_h else None
-        # the first chunk writes grad_w whole (beta=0 below); with no rows at all it stays zero
-        grad_w = (torch.empty_like if len(h) else torch.zeros_like)(weight, dtype=torch.float32) if want_w else None
-        # In fp32 on a CPU, oneDNN makes each chunk's logits (lmzoo.linear): faster than MKL's
-        # product, even into a fresh output. Otherwise one logits buffer serves every chunk: a
-        # fresh one per chunk would be new memory each time (large blocks come straight from the
-        # OS, page by page: in bf16, where each chunk also has an fp32 copy and a bf16 gradient,
-        # those page faults cost ~4% of a LoRA step).
-        onednn = uses_onednn(h, weight)
-        rows = ChunkedHeadCrossEntropy.rows
-        if onednn:  # fresh logits of at most 31 MB, which glibc serves from its heap (see `rows`)
-            rows = min(rows, max(64, (31 << 20) // (4 * weight.shape[0])))
-        n = min(rows, h.shape[0])
-        buffer = None if onednn else h.new_empty(n, weight.shape[0])
-        buffer32 = buffer if h.dtype == torch.float32 else buffer.new_empty(n, weight.shape[0], dtype=torch.float32)
-        for i in range(0, h.shape[0], rows):
-            hc, yc = h[i:i + rows], y[i:i + rows]
-            if onednn:
-                logits = p = g = None  # the last chunk's logits go before this one's are made
-                logits = x_wt(hc, weight)
-            else:
-                logits = torch.matmul(hc, weight.t(), out=buffer[:len(yc)])
-                logits = buffer32[:len(yc)].copy_(logits) if buffer32 is not buffer else logits
-            target = logits.gather(1, yc[:, None]).squeeze(1)
-            # logsumexp by hand, in place: logits.logsumexp() would make a second [rows, vocab] tensor
-            top = logits.amax(-1, keepdim=True)
-            p = logits.sub_(top).exp_()
-            norm = p.sum(-1, keepdim=True)
-            total += (top.squeeze(1) + norm.log().squeeze(1) - target).sum()
-            if want_h or want_w:  # d loss / d logits = softmax - one_hot
-                g = p.div_(norm)
-                g[torch.arange(len(yc), device=g.device), yc] -= 1
-                g = buffer[:len(yc)].copy_(g) if g.dtype != h.dtype else g  # back to h's dtype, in place
-                if want_h and onednn:
-                    torch.mul(g_w(g, weight), scale, out=grad_h[i:i + len(yc)])
-                elif want_h:
-                    out = grad_h[i:i + len(yc)]
-                    torch.addmm(out, g, weight.to(h.dtype), beta=0, alpha=scale, out=out)
-                first = 0 if i == 0 else 1  # beta: the first chunk writes grad_w, the others add to it
-                if want_w and g.dtype == grad_w.dtype:
-                    grad_w.addmm_(g.t(), hc, beta=first, alpha=scale)  # in place: no [vocab, d] temporary
-                elif want_w:  # a bf16 g with an fp32 grad_w: no mixed-dtype addmm
-                    chunk = (g.t() @ hc).float()
-                    grad_w.add_(chunk, alpha=scale) if first else torch.mul(chunk, scale, out=grad_w)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total * scale
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_total.item() != 1.0:  # loss.backward() hands 1: then the gradients are final
-            grad_h = None if grad_h is None else grad_h * grad_total.to(grad_h.dtype)
-            grad_w = None if grad_w is None else grad_w * grad_total
-        return grad_h, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import lmzoo
-from lmzoo.model import ChunkedHeadCrossEntropy, RMSNorm
+from lmzoo.head_loss import ChunkedHeadCrossEntropy
+from lmzoo.model import RMSNorm
 from lmzoo.errors import LmzooError
 from lmzoo.generate import left_pad
 from lmzoo.inference import PackedLinear, fuse_projections, prepare_for_inference
@@ -51,36 +52,45 @@ def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_head_cross_entropy_equals_full_logits(monkeypatch, dtype):
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+def test_chunked_head_cross_entropy_equals_full_logits(monkeypatch, dtype, head):
     """The loss function itself, in fp32 and in bf16 (whose chunks go through an fp32 buffer and
-    back into the bf16 one): the loss and both gradients of autograd through full logits."""
+    back into the bf16 one): the loss and the gradients of autograd through full logits. A
+    trainable head goes a chunk of rows at a time; a frozen one (LoRA, P-tuning v2) a slice of
+    the vocabulary at a time, rescaling its running sums when a later slice holds a row's
+    largest logit (logits of ~+-100 here: without the rescaling, exp would overflow)."""
     monkeypatch.setattr(ChunkedHeadCrossEntropy, "rows", 16)  # several chunks, and a ragged last one
+    monkeypatch.setattr(ChunkedHeadCrossEntropy, "frozen_rows", 16)
+    monkeypatch.setattr(ChunkedHeadCrossEntropy, "vocab_slice", 64)  # 300 = 4 x 64 + 44
     torch.manual_seed(0)
     h = torch.randn(45, 24).to(dtype).requires_grad_()
-    w = (torch.randn(300, 24) / 5).to(dtype).requires_grad_()
+    w = (torch.randn(300, 24) * 4).to(dtype).requires_grad_(head == "trainable")
     y = torch.randint(0, 300, (45,))
+    inputs = (h, w) if head == "trainable" else (h,)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of each product's output
     ref = F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
-    ref_grads = torch.autograd.grad(ref, (h, w))
+    assert F.linear(h, w).abs().max() > 80
+    ref_grads = torch.autograd.grad(ref, inputs)
     # scale folds a mean into the function; a gradient other than 1 (a loss / accumulation
     # steps, say) scales the gradients the function accumulated in forward
     for scale, upstream in ((1.0, 1.0), (0.25, 1.0), (1.0, 3.0), (0.25, 3.0)):
         loss = ChunkedHeadCrossEntropy.apply(h, w, y, scale)
-        grads = torch.autograd.grad(loss * upstream if upstream != 1 else loss, (h, w))
+        grads = torch.autograd.grad(loss * upstream if upstream != 1 else loss, inputs)
         torch.testing.assert_close(loss, ref * scale, rtol=1e-6, atol=1e-5)
-        for got, want in zip(grads, ref_grads):
+        for got, want in zip(grads, ref_grads, strict=True):
             want = want.float() * scale * upstream
             assert got.dtype == dtype
             assert (got.float() - want).abs().max() <= tol * want.abs().max()
 
 
-def test_chunked_head_cross_entropy_of_no_rows_is_zero():
-    """Every label -100 leaves no rows: the loss and both gradients are zero, not uninitialised."""
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+def test_chunked_head_cross_entropy_of_no_rows_is_zero(head):
+    """Every label -100 leaves no rows: the loss and the gradients are zero, not uninitialised."""
     h = torch.randn(0, 24, requires_grad=True)
-    w = torch.randn(300, 24, requires_grad=True)
+    w = torch.randn(300, 24, requires_grad=head == "trainable")
     loss = ChunkedHeadCrossEntropy.apply(h, w, torch.zeros(0, dtype=torch.long))
-    grad_h, grad_w = torch.autograd.grad(loss, (h, w))
-    assert loss.item() == 0 and grad_h.shape == (0, 24) and not grad_w.any()
+    grads = torch.autograd.grad(loss, (h, w) if head == "trainable" else (h,))
+    assert loss.item() == 0 and grads[0].shape == (0, 24) and not any(g.any() for g in grads)
 
 
 def test_chunked_loss_backward_twice_with_retain_graph():

@@ -350,7 +350,7 @@ def test_linear_outside_fp32_is_f_linear_itself(monkeypatch, dtype):
 def test_model_training_step_equals_the_mkl_one(monkeypatch, adapter):
     """A whole tiny model's loss and gradients (LoRA adapters or every weight, the head's chunked
     loss, the blocks) with oneDNN's products equal those with F.linear everywhere, to fp32 rounding."""
-    from lmzoo.model import ChunkedHeadCrossEntropy
+    from lmzoo.head_loss import ChunkedHeadCrossEntropy
     from lmzoo.peft import LoraConfig, add_lora
     from tiny import tiny_model
 
@@ -365,7 +365,9 @@ def test_model_training_step_equals_the_mkl_one(monkeypatch, adapter):
         params = [p for p in model.parameters() if p.requires_grad]
         return [loss.detach(), *torch.autograd.grad(loss, params)]
 
-    monkeypatch.setattr(ChunkedHeadCrossEntropy, "rows", 7)  # several chunks
+    monkeypatch.setattr(ChunkedHeadCrossEntropy, "rows", 7)  # several chunks (full fine-tuning)
+    monkeypatch.setattr(ChunkedHeadCrossEntropy, "frozen_rows", 7)  # and blocks and slices (LoRA)
+    monkeypatch.setattr(ChunkedHeadCrossEntropy, "vocab_slice", 64)
     fast = loss_and_grads()
     monkeypatch.setattr(linear_module, "ONEDNN", False)
     plain = loss_and_grads()
