@@ -123,12 +123,12 @@ def _vocabulary_slices(h, weight, y, scale, want_h):
         top = torch.full((n,), -torch.inf, device=h.device)  # each row's largest logit so far
         norm = torch.zeros(n, device=h.device)  # sum of exp(logit - top) so far
         summed = torch.zeros(n, h.shape[1], device=h.device) if want_h else None  # of exp(logit - top) * W's row
-        target = torch.empty(n, device=h.device)
+        target = torch.zeros(n, device=h.device)  # each row's target logit, from the slice holding it
         for j in range(0, weight.shape[0], size):
             w = weight[j:j + size]
             logits = x_wt(hb, w).float()
-            here = ((yb >= j) & (yb < j + size)).nonzero().squeeze(1)
-            target[here] = logits[here, yb[here] - j]
+            here = (yb >= j) & (yb < j + len(w))  # a mask, not indices: no host sync on a GPU
+            target = torch.where(here, logits.gather(1, (yb - j).clamp(0, len(w) - 1)[:, None]).squeeze(1), target)
             new_top = torch.maximum(top, logits.amax(-1))
             shrink = (top - new_top).exp_()  # puts what was summed under the old max under the new one
             p = logits.sub_(new_top[:, None]).exp_()
