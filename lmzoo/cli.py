@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also save the picture as this PNG file")
     p.set_defaults(run=cmd_masks)
 
-    from .cli_show import register
+    from .show.commands import register
 
     register(sub)
     return parser
@@ -151,12 +151,12 @@ def _version() -> str:
 
 
 def _load(args, inference: bool = True):
-    from .checkpoint import load
+    from .formats.checkpoint import load
 
     model, tokenizer = load(args.source, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None))
     if not inference:
         return model, tokenizer
-    from .inference import prepare_for_inference
+    from .infer.prepare import prepare_for_inference
 
     # generate and chat only read the model: fuse, pack or quantize it (a LoRA adapter is folded in first)
     if getattr(args, "compile", False):
@@ -188,7 +188,7 @@ def _stream_reply(model, tokenizer, ids: list[int], sampling: dict) -> list[int]
     """Print tokens as they come; return them (without the stop token)."""
     import torch
 
-    from .generate import stream
+    from .nn.generate import stream
 
     decoder = tokenizer.stream_decoder()
     out: list[int] = []
@@ -245,13 +245,13 @@ def cmd_chat(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .report import info
+    from .show.report import info
 
     print(info(args.source))  # config.json / GGUF header only, counted on the meta device
 
 
 def cmd_convert(args) -> None:
-    from .checkpoint import save_hf_dir
+    from .formats.checkpoint import save_hf_dir
 
     model, tokenizer = _load(args, inference=False)
     out = save_hf_dir(model, args.out_dir, tokenizer)
@@ -259,7 +259,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from .checkpoint import load
+    from .formats.checkpoint import load
     from .peft import LoraConfig, PrefixConfig, PromptConfig
     from .train import TrainConfig, finetune
 
@@ -271,7 +271,8 @@ def cmd_finetune(args) -> None:
     model, tokenizer = load(args.source, dtype=args.dtype, device=args.device)
     tokenizer = _need_tokenizer(tokenizer, args.source)
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else None
-    lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets, rslora=args.rslora)
+    lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
+                      rslora=args.rslora)
     prefix = PrefixConfig(n_virtual=args.num_virtual_tokens, projection=args.prefix_projection,
                           encoder_hidden=args.encoder_hidden, dropout=args.prefix_dropout,
                           text_positions=args.text_positions)
@@ -304,7 +305,7 @@ def torch_seed(seed: int) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .checkpoint import load, save_hf_dir
+    from .formats.checkpoint import load, save_hf_dir
     from .peft import strip_lora
 
     model, tokenizer = load(args.base, dtype=args.dtype, adapter=args.adapter)
@@ -315,20 +316,20 @@ def cmd_merge(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run
+    from .train.demo import run
 
     run(args.out, steps=args.steps, seed=args.seed)
 
 
 def cmd_compare_peft(args) -> None:
-    from .compare_peft import run
+    from .train.compare_peft import run
 
     run(args.out, data=args.data, steps=args.steps, batch_size=args.batch_size, with_full=args.with_full,
         seed=args.seed, model=args.model)
 
 
 def cmd_masks(args) -> None:
-    from .mask_pictures import KINDS, as_text, mask_of, save_png, title_of
+    from .show.mask_pictures import KINDS, as_text, mask_of, save_png, title_of
 
     kinds = KINDS if args.kind == "all" else [args.kind]
     opts = dict(prefix=args.prefix, window=args.window, stride=args.stride, summary=args.summary)

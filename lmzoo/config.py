@@ -161,7 +161,7 @@ class Config:
             return False
         return self.sparse_layers == "all" or (layer % 2 == 1) == (self.sparse_layers == "odd")
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed: the way every preset is written as a diff."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -213,11 +213,12 @@ def _field_docs() -> dict[str, str]:
     """Read each field's docstring (the string literal under it) from this module's source."""
     import ast
     import inspect
+    import itertools
 
     tree = ast.parse(inspect.getsource(Config))
     body = tree.body[0].body
     docs = {}
-    for stmt, nxt in zip(body, body[1:]):
+    for stmt, nxt in itertools.pairwise(body):
         if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[stmt.target.id] = nxt.value.value
     return docs

@@ -13,7 +13,7 @@ def tiny_hf_model(model_type: str, **overrides):
     torch.manual_seed(1234)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():  # norms and biases start at 1 and 0; randomise them so they are tested
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from hf_oracle import save, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 import lmzoo
-from hf_oracle import save, tiny_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +20,12 @@ def good_dir(tmp_path_factory):
 
 def copy_dir(src, dst, edit_config=None, edit_tensors=None):
     os.makedirs(dst)
-    config = json.load(open(os.path.join(src, "config.json")))
+    with open(os.path.join(src, "config.json")) as fh:
+        config = json.load(fh)
     if edit_config:
         edit_config(config)
-    json.dump(config, open(os.path.join(dst, "config.json"), "w"))
+    with open(os.path.join(dst, "config.json"), "w") as fh:
+        json.dump(config, fh)
     tensors = load_file(os.path.join(src, "model.safetensors"))
     if edit_tensors:
         edit_tensors(tensors)
@@ -49,7 +51,8 @@ def test_unsupported_model_type_names_the_supported_ones(good_dir, tmp_path):
 
 def test_unimplemented_rope_type_is_an_error(good_dir, tmp_path):
     d = copy_dir(good_dir, tmp_path / "m",
-                 edit_config=lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}))
+                 edit_config=lambda c: c.update(
+                     rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}))
     with pytest.raises(lmzoo.LmzooError, match="rope_type 'yarn' is not implemented"):
         lmzoo.load(d)
 
@@ -77,15 +80,18 @@ def test_wrong_shape(good_dir, tmp_path):
     def shrink(t):
         t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:8]
     d = copy_dir(good_dir, tmp_path / "m", edit_tensors=shrink)
-    with pytest.raises(lmzoo.LmzooError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight has shape \[8, 64\], expected \[32, 64\]"):
+    with pytest.raises(lmzoo.LmzooError,
+                       match=r"model\.layers\.0\.self_attn\.k_proj\.weight has shape \[8, 64\], expected \[32, 64\]"):
         lmzoo.load(d)
 
 
 def test_truncated_safetensors(good_dir, tmp_path):
     d = copy_dir(good_dir, tmp_path / "m")
     f = os.path.join(d, "model.safetensors")
-    data = open(f, "rb").read()
-    open(f, "wb").write(data[: len(data) // 2])
+    with open(f, "rb") as fh:
+        data = fh.read()
+    with open(f, "wb") as fh:
+        fh.write(data[: len(data) // 2])
     with pytest.raises(lmzoo.LmzooError, match=r"model\.safetensors: cannot read safetensors file"):
         lmzoo.load(d)
 
@@ -103,7 +109,10 @@ def test_unsupported_gguf_architecture(tmp_path):
     import gguf
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
     w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(lmzoo.LmzooError, match="GGUF architecture 'mamba' is not supported; supported: llama"):
         lmzoo.load(tmp_path / "m.gguf")
 

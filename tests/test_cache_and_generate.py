@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from hf_oracle import assert_incremental_equals_full
 
 import lmzoo
-from hf_oracle import assert_incremental_equals_full
-from lmzoo.generate import left_pad, sample
+from lmzoo.nn.generate import left_pad, sample
 
 CONFIGS = {
     "llama-gqa": lmzoo.preset("classic").replace(vocab_size=101, n_layers=2, d_model=48, n_heads=6, n_kv_heads=2,
@@ -45,7 +45,7 @@ def test_batched_generation_equals_each_prompt_alone(name):
     model = model_for(name)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [4, 4, 9, 30, 2, 7]]
     batched = model.generate(prompts, max_new_tokens=12)
-    for p, got in zip(prompts, batched):
+    for p, got in zip(prompts, batched, strict=True):
         alone = model.generate(torch.tensor([p]), max_new_tokens=12)[0].tolist()
         assert got == alone
         assert len(got) == len(p) + 12

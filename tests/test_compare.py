@@ -10,10 +10,17 @@ import torch
 
 import lmzoo
 from lmzoo import cli
-from lmzoo.compare import (derived, differing_fields, families_report, flops_per_token, kv_cache_bytes_per_token,
-                           load_config, parameters)
 from lmzoo.config import Config
-from lmzoo.report import info, nearest_preset, parameter_counts
+from lmzoo.show.compare import (
+    derived,
+    differing_fields,
+    families_report,
+    flops_per_token,
+    kv_cache_bytes_per_token,
+    load_config,
+    parameters,
+)
+from lmzoo.show.report import info, nearest_preset, parameter_counts
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

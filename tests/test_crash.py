@@ -11,10 +11,9 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from lmzoo import atomic
-
 from tiny import date_data, tiny_dir
+
+from lmzoo.formats import atomic
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):

@@ -11,9 +11,9 @@ import pytest
 
 import lmzoo
 from lmzoo import cli
-from lmzoo.compare import architecture_fields, differing_fields
 from lmzoo.config import field_names
-from lmzoo.diagram import HIGHLIGHT, draw
+from lmzoo.show.compare import architecture_fields, differing_fields
+from lmzoo.show.diagram import HIGHLIGHT, draw
 
 ORANGE = np.array(matplotlib.colors.to_rgb(HIGHLIGHT[0]))
 

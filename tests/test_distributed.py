@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from tiny import date_data, tiny_dir
 
 
@@ -37,7 +36,7 @@ def test_two_processes_follow_the_single_process_loss_curve(setup, strategy):
     single = finetune(setup, "single", "--steps", "4")
     multi = finetune(setup, strategy, "--steps", "4", "--strategy", strategy, procs=2)
     assert len(single) == len(multi) == 4 and single[-1] < single[0]
-    for a, b in zip(single, multi):
+    for a, b in zip(single, multi, strict=True):
         assert abs(a - b) / abs(a) < 1e-4
     from safetensors.torch import load_file
     one = load_file(setup / "single" / "adapter" / "adapter_model.safetensors")
@@ -52,5 +51,5 @@ def test_fsdp_checkpoint_saves_and_resumes(setup):
     finetune(setup, "fsdp-part", "--steps", "4", "--strategy", "fsdp", "--stop-after", "2", procs=2)
     resumed = finetune(setup, "fsdp-part", "--steps", "4", "--strategy", "fsdp", "--resume", procs=2)
     assert len(resumed) == 4
-    for a, b in zip(whole, resumed):
+    for a, b in zip(whole, resumed, strict=True):
         assert abs(a - b) / abs(a) < 1e-6

@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from hf_oracle import assert_round_trip_through_transformers, ids, save, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 import lmzoo
-from hf_oracle import assert_round_trip_through_transformers, ids, save, tiny_hf_model
 from lmzoo.config import Config
 from lmzoo.formats import hf_glm, registry
-from lmzoo.rope import apply_rope, rope_tables
+from lmzoo.nn.rope import apply_rope, rope_tables
 
 VOCAB = 97
 # GlmConfig defaults to head_dim 128 and GLM-4's token ids; a tiny model sets its own.
@@ -305,7 +305,7 @@ def test_batched_left_padded_generation_equals_each_prompt_alone(chatglm_dirs):
     model, _ = lmzoo.load(chatglm_dirs["glm4-gqa-rope-ratio-500"][0])
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3], [4, 4, 9, 30, 2, 7]]
     batched = model.generate(prompts, max_new_tokens=10)
-    for p, got in zip(prompts, batched):
+    for p, got in zip(prompts, batched, strict=True):
         assert got == model.generate(torch.tensor([p]), max_new_tokens=10)[0].tolist()
         assert len(got) == len(p) + 10
 
@@ -315,7 +315,8 @@ def test_save_writes_chatglm_and_reloads_identically(variant, chatglm_dirs, tmp_
     path, cfg = chatglm_dirs[variant]
     ours, _ = lmzoo.load(path)
     out = lmzoo.save_hf_dir(ours, tmp_path / "saved")
-    written = json.load(open(os.path.join(out, "config.json")))
+    with open(os.path.join(out, "config.json")) as f:
+        written = json.load(f)
     assert written["model_type"] == "chatglm" and written["architectures"] == ["ChatGLMModel"]
     assert written["auto_map"]["AutoModelForCausalLM"].endswith("modeling_chatglm.ChatGLMForConditionalGeneration")
     assert written["multi_query_attention"] is True
@@ -406,8 +407,10 @@ def test_bad_per_head_qkv_shape_is_reported(chatglm_dirs, tmp_path):
 ])
 def test_bad_glm_config_names_the_field(changes, message, tmp_path):
     d = save(native_oracle("glm"), tmp_path / "m")
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    json.dump({**cfg, **changes}, open(os.path.join(d, "config.json"), "w"))
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump({**cfg, **changes}, f)
     with pytest.raises(lmzoo.LmzooError, match=message):
         lmzoo.load(d)
 

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lmzoo
-import lmzoo.attention as lmzoo_attention
-import lmzoo.model as lmzoo_model
+import lmzoo.nn.attention as lmzoo_attention
+import lmzoo.nn.model as lmzoo_model
 from lmzoo.formats import hf_glm1, registry
 
 V, D, H, L, F = 61, 48, 3, 2, 80  # vocab, hidden, heads, layers, inner_hidden_size
@@ -70,7 +70,8 @@ def random_state(seed: int = 0) -> dict[str, torch.Tensor]:
             sd[p + name + ".weight"] = rnd(rows, cols, std=0.25)
             sd[p + name + ".bias"] = rnd(rows, std=0.1)
         # THUDM saves this buffer (in the model's dtype) and never loads it back
-        sd[p + "attention.rotary_emb.inv_freq"] = (1.0 / 10000 ** (torch.arange(0, HD // 2, 2).float() / (HD // 2))).half()
+        sd[p + "attention.rotary_emb.inv_freq"] = (
+            1.0 / 10000 ** (torch.arange(0, HD // 2, 2).float() / (HD // 2))).half()
     sd["transformer.final_layernorm.weight"] = 1 + rnd(D, std=0.1)
     sd["transformer.final_layernorm.bias"] = rnd(D, std=0.1)
     sd["lm_head.weight"] = sd["transformer.word_embeddings.weight"].clone()  # the tied copy is stored too
@@ -165,7 +166,7 @@ def attention(h, sd, p, positions, blocks, context, fp16_frequencies):
             seen = [j for j in range(T) if j <= i or j < context]  # causal, plus the whole context
             scores = torch.stack([q[i] @ k[j] for j in seen]) / math.sqrt(HD)
             probs = torch.softmax(scores, dim=0)
-            out[i] = sum(pr * v[j] for pr, j in zip(probs, seen))
+            out[i] = sum(pr * v[j] for pr, j in zip(probs, seen, strict=True))
         heads.append(out)
     return torch.cat(heads, dim=1) @ sd[p + "dense.weight"].T + sd[p + "dense.bias"]
 
@@ -189,7 +190,7 @@ def reference_logits(state, tokens, positions=None, blocks=None, context=None, *
     return x @ sd["lm_head.weight"].T
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expected(tokens: tuple, fp16_frequencies=True):
     """The reference's logits for the module's checkpoint (cached: the loops are slow)."""
     return reference_logits(STATE, list(tokens), fp16_frequencies=fp16_frequencies)
@@ -250,10 +251,12 @@ def test_generated_part_with_thudm_position_ids_equals_the_reference(model, stat
 def test_the_reference_sees_what_it_claims(state):
     """The reference itself: the context reads both ways, generated tokens only look back."""
     base = expected(tuple(FULL))
-    inside = list(FULL); inside[5] = 3
+    inside = list(FULL)
+    inside[5] = 3
     changed = reference_logits(state, inside, *thudm_position_ids(FULL))
     assert (changed[:5] - base[:5]).abs().max() > 1e-3
-    later = list(FULL); later[10] = 3
+    later = list(FULL)
+    later[10] = 3
     changed = reference_logits(state, later)
     assert torch.equal(changed[:10], base[:10]) and (changed[10:] - base[10:]).abs().max() > 1e-3
 
@@ -395,8 +398,8 @@ def test_batched_left_padded_generation_equals_each_prompt_alone(untied_model):
     together = model.generate(prompts, 6, prefix_len=contexts)
     alone = [model.generate([p], 6, prefix_len=len(p) - 1)[0] for p in prompts]
     assert together == alone
-    assert all(len(out) == len(p) + 6 for out, p in zip(together, prompts))
-    assert len({tuple(out[len(p):]) for out, p in zip(together, prompts)}) > 1  # rows really differ
+    assert all(len(out) == len(p) + 6 for out, p in zip(together, prompts, strict=True))
+    assert len({tuple(out[len(p):]) for out, p in zip(together, prompts, strict=True)}) > 1  # rows really differ
 
 
 # ----------------------------------------------------------------------------- saving

@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 import transformers
+from hf_oracle import assert_incremental_equals_full, ids, save
 from safetensors.torch import load_file, save_file
 
 import lmzoo
-from hf_oracle import assert_incremental_equals_full, ids, save
 from lmzoo.cli import main as cli_main
 from lmzoo.formats import registry
-from lmzoo.generate import left_pad
-from lmzoo.report import parameter_counts
+from lmzoo.nn.generate import left_pad
+from lmzoo.show.report import parameter_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GPT = dict(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=128)
@@ -98,7 +98,7 @@ def test_round_trip_through_transformers(case, tmp_path):
     oracle = tiny_gpt(model_type, **overrides)
     ours, _ = lmzoo.load(save(oracle, tmp_path / "a"))
     lmzoo.save_hf_dir(ours, tmp_path / "b")
-    written = json.load(open(tmp_path / "b" / "config.json"))
+    written = json.loads((tmp_path / "b" / "config.json").read_text())
     assert written["model_type"] == model_type and written["architectures"] == [arch]
     names = load_file(str(tmp_path / "b" / "model.safetensors")).keys()
     assert set(names) == set(load_file(str(tmp_path / "a" / "model.safetensors")).keys())
@@ -126,7 +126,7 @@ def test_real_sized_config_json_reads_as_the_preset(name, tmp_path):
     field (family, init and all), and the preset writes a config.json that reads back as itself."""
     model_type, fields = REAL_SIZES[name]
     transformers.AutoConfig.for_model(model_type, **fields).save_pretrained(tmp_path)
-    hf = json.load(open(tmp_path / "config.json"))
+    hf = json.loads((tmp_path / "config.json").read_text())
     config, fmt = registry.config_from_hf(hf, "config.json")
     assert config == lmzoo.preset(name)
     assert fmt.model_type == model_type
@@ -182,28 +182,29 @@ def test_left_padded_forward_equals_each_row_alone(name):
 def test_batched_left_padded_generation_equals_each_prompt_alone(name):
     model = tiny_model(name)
     batched = model.generate(PROMPTS, max_new_tokens=10)
-    for p, got in zip(PROMPTS, batched):
+    for p, got in zip(PROMPTS, batched, strict=True):
         alone = model.generate(torch.tensor([p]), max_new_tokens=10)[0].tolist()
         assert got == alone
         assert len(got) == len(p) + 10
 
 
 # --------------------------------------------------------------------------- GPT-3 sparse attention
-def allowed(i: int, j: int, pattern: str, l: int, c: int) -> bool:
+def allowed(i: int, j: int, pattern: str, stride: int, c: int) -> bool:
     """May query i attend to key j? Child et al. 2019 (Sparse Transformers), section 4.3, with
-    stride/block l: 'strided' is A1 = {max(0, i-l), ..., i} and A2 = {j : (i-j) mod l = 0};
-    'fixed' is A1 = {j : floor(j/l) = floor(i/l)} and A2 = {j : j mod l in {l-c, ..., l-1}}.
+    stride/block l (the argument `stride`): 'strided' is A1 = {max(0, i-l), ..., i} and
+    A2 = {j : (i-j) mod l = 0}; 'fixed' is A1 = {j : floor(j/l) = floor(i/l)} and
+    A2 = {j : j mod l in {l-c, ..., l-1}}.
     GPT-3's 'banded' is a local band of the last l positions, the query included."""
     if j > i:
         return False
     if pattern == "dense":
         return True
     if pattern == "banded":
-        return j in range(max(0, i - l + 1), i + 1)
+        return j in range(max(0, i - stride + 1), i + 1)
     if pattern == "strided":
-        return j in range(max(0, i - l), i + 1) or (i - j) % l == 0
+        return j in range(max(0, i - stride), i + 1) or (i - j) % stride == 0
     if pattern == "fixed":
-        return j // l == i // l or j % l in range(l - c, l)
+        return j // stride == i // stride or j % stride in range(stride - c, stride)
     raise ValueError(pattern)
 
 
@@ -243,7 +244,7 @@ def reference_gpt3(state, c, tokens, force_dense=False):
                 scores = [float(q[i][s] @ k[j][s]) / math.sqrt(hd) for j in keys]
                 top = max(scores)
                 e = [math.exp(score - top) for score in scores]
-                heads.append(sum(w / sum(e) * v[j][s] for w, j in zip(e, keys)))
+                heads.append(sum(w / sum(e) * v[j][s] for w, j in zip(e, keys, strict=True)))
             attended.append(torch.cat(heads))
         x = [x[i] + linear(attended[i], b + ".attn.o") for i in range(T)]
         x = [xi + linear(gelu_tanh(linear(layer_norm(xi, b + ".mlp_norm"), b + ".mlp.up")), b + ".mlp.down")
@@ -342,10 +343,12 @@ def gpt2_dir(tmp_path_factory):
                                           ("reorder_and_upcast_attn", True), ("scale_attn_weights", False),
                                           ("add_cross_attention", True)])
 def test_unimplemented_gpt2_options_are_refused(gpt2_dir, tmp_path, field, value):
-    config = json.load(open(os.path.join(gpt2_dir, "config.json")))
+    with open(os.path.join(gpt2_dir, "config.json")) as f:
+        config = json.load(f)
     config[field] = value
     os.makedirs(tmp_path / "m")
-    json.dump(config, open(tmp_path / "m" / "config.json", "w"))
+    with open(tmp_path / "m" / "config.json", "w") as f:
+        json.dump(config, f)
     os.symlink(os.path.join(gpt2_dir, "model.safetensors"), tmp_path / "m" / "model.safetensors")
     with pytest.raises(lmzoo.LmzooError, match=rf"config\.json: {field}={value!r} is not implemented"):
         lmzoo.load(tmp_path / "m")
@@ -353,8 +356,10 @@ def test_unimplemented_gpt2_options_are_refused(gpt2_dir, tmp_path, field, value
 
 def test_openai_gpt_unknown_afn_is_refused(tmp_path):
     src = save(tiny_gpt("openai-gpt"), tmp_path / "m")
-    config = json.load(open(os.path.join(src, "config.json")))
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
     config["afn"] = "mish"
-    json.dump(config, open(os.path.join(src, "config.json"), "w"))
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(config, f)
     with pytest.raises(lmzoo.LmzooError, match="afn 'mish' is not implemented"):
         lmzoo.load(src)

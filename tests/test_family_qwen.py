@@ -15,14 +15,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_oracle import ids, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 import lmzoo
-from hf_oracle import ids, tiny_hf_model
 from lmzoo.formats import registry
-from lmzoo.generate import left_pad
-from lmzoo.model import logn_scale
-from lmzoo.rope import inverse_frequencies
+from lmzoo.nn.generate import left_pad
+from lmzoo.nn.model import logn_scale
+from lmzoo.nn.rope import inverse_frequencies
 
 S = 16  # seq_length (the training length) of the random Qwen1 checkpoints
 
@@ -383,7 +383,7 @@ def test_left_padded_batch_equals_each_prompt_alone(qwen):
         for row, p in enumerate(PROMPTS):
             torch.testing.assert_close(batched[row, -len(p):], model(torch.tensor([p]))[0], atol=1e-5, rtol=0)
     out = model.generate(PROMPTS, max_new_tokens=S - 9)  # the longest row ends at seq_length
-    for p, got in zip(PROMPTS, out):
+    for p, got in zip(PROMPTS, out, strict=True):
         assert got == model.generate(torch.tensor([p]), max_new_tokens=S - 9)[0].tolist()
         assert len(got) == len(p) + S - 9
 
@@ -397,7 +397,7 @@ def test_left_padded_batch_past_the_training_length_equals_each_prompt_alone(qwe
         batched = model(ids_, attention_mask=mask)
         for row, p in enumerate(prompts):
             torch.testing.assert_close(batched[row, -len(p):], model(torch.tensor([p]))[0], atol=1e-5, rtol=0)
-    for p, got in zip(prompts, model.generate(prompts, max_new_tokens=6)):
+    for p, got in zip(prompts, model.generate(prompts, max_new_tokens=6), strict=True):
         assert got == model.generate(torch.tensor([p]), max_new_tokens=6)[0].tolist()
 
 

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import lmzoo
-from lmzoo.head_loss import ChunkedHeadCrossEntropy
-from lmzoo.model import RMSNorm
 from lmzoo.errors import LmzooError
-from lmzoo.generate import left_pad
-from lmzoo.inference import PackedLinear, fuse_projections, prepare_for_inference
-from lmzoo.quant import Int4Linear, Int8Linear, quantize
+from lmzoo.infer.fuse import fuse_projections
+from lmzoo.infer.prepare import PackedLinear, prepare_for_inference
+from lmzoo.infer.quant import Int4Linear, Int8Linear, quantize
+from lmzoo.nn.generate import left_pad
+from lmzoo.nn.head_loss import ChunkedHeadCrossEntropy
+from lmzoo.nn.model import RMSNorm
 
 
 def small(name="smollm2-135m", **kw):
@@ -46,7 +47,7 @@ def test_chunked_loss_equals_full_logits_loss(monkeypatch, reduction):
     torch.testing.assert_close(lb, la, rtol=1e-6, atol=1e-6)
     la.backward()
     lb.backward()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         scale = pa.grad.abs().max().item()  # "sum" gradients are ~N times larger than "mean" ones
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6 * max(scale, 1), msg=name)
 
@@ -104,7 +105,7 @@ def test_chunked_loss_backward_twice_with_retain_graph():
     loss.backward(retain_graph=True)
     loss.backward(retain_graph=True)
     loss.backward()
-    for (name, a), b in zip(once.named_parameters(), thrice.parameters()):
+    for (name, a), b in zip(once.named_parameters(), thrice.parameters(), strict=True):
         torch.testing.assert_close(b.grad, 3 * a.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
@@ -123,7 +124,7 @@ def test_loss_scale_scales_the_loss_and_every_gradient(reduction):
         torch.testing.assert_close(lb, 0.3 * la, rtol=1e-6, atol=1e-7)
         la.backward()
         lb.backward()
-        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
             if pa.grad is not None:  # the scale enters before fp32 sums in one, after in the other
                 want = 0.3 * pa.grad
                 assert (pb.grad - want).abs().max() <= 1e-5 * want.abs().max(), name
@@ -191,7 +192,7 @@ def test_quantized_linear_equals_its_dequantized_weight(cls, kw):
 def test_int4_cuda_tiles_fit_the_input_width():
     """CUDA's int4 packing tiles the input dimension by 16 * (8, 4 or 2) columns: SmolLM2's 576
     takes 4 (8 made packing fail on a GPU); a width no tile divides is refused by name."""
-    from lmzoo.quant import cuda_inner_k_tiles
+    from lmzoo.infer.quant import cuda_inner_k_tiles
     assert [cuda_inner_k_tiles(k) for k in (576, 1536, 96, 128, 32)] == [4, 8, 2, 8, 2]
     with pytest.raises(LmzooError, match="in_features=48"):
         cuda_inner_k_tiles(48)
@@ -240,7 +241,7 @@ def test_generate_head_on_last_position_only():
     model = small()
     prompts = [[5, 6, 7, 8, 9], [3, 4]]
     out = model.generate(prompts, 5)
-    for p, o in zip(prompts, out):
+    for p, o in zip(prompts, out, strict=True):
         seq = list(p)
         with torch.no_grad():
             for _ in range(5):
@@ -297,10 +298,10 @@ def test_prepared_model_equals_plain(name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_query_attention_equals_sdpa(dtype):
-    """The compiled decode step's attention (lmzoo.attention.one_query_attention) equals SDPA over
+    """The compiled decode step's attention (lmzoo.nn.attention.one_query_attention) equals SDPA over
     heads repeated for grouped queries, with and without a padding mask: fp32 to 1e-5, bf16 to
     its rounding; and it hands back the dtype it was given."""
-    from lmzoo.attention import one_query_attention
+    from lmzoo.nn.attention import one_query_attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 6, 1, 16, generator=g).to(dtype)
@@ -318,10 +319,10 @@ def test_one_query_attention_equals_sdpa(dtype):
 
 @pytest.mark.parametrize("case", ["causal", "virtual keys and padding"])
 def test_attention_by_products_equals_sdpa(case):
-    """bf16 training's attention on a CPU (lmzoo.attention.attention_by_products) against fp32
+    """bf16 training's attention on a CPU (lmzoo.nn.attention.attention_by_products) against fp32
     SDPA over heads repeated for grouped queries: the output and the gradients of q, k and v
     within bf16 rounding; a row whose keys are all hidden comes out finite, not NaN."""
-    from lmzoo.attention import attention_by_products
+    from lmzoo.nn.attention import attention_by_products
 
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, T, D = 2, 6, 2, 9, 16
@@ -346,7 +347,7 @@ def test_attention_by_products_equals_sdpa(case):
             assert out.dtype == torch.bfloat16
         out.backward(upstream.to(dtype))
         grads.append([out.detach().float()] + [t.grad.float() for t in leaves])
-    for name, expected, got in zip(("out", "q", "k", "v"), *grads):
+    for name, expected, got in zip(("out", "q", "k", "v"), *grads, strict=True):
         scale = expected.abs().max().item()
         assert (got - expected).abs().max().item() <= 2 ** -6 * scale, name
     if P:
@@ -365,7 +366,7 @@ def compiled_matches_eager(model, quantize=None, batch=True):
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (9, 4)]
     padded, padding = left_pad(prompts)
     for ids, mask in ((padded, padding), (padded[:1], None))[0 if batch else 1:]:
-        with torch.inference_mode():  # as in lmzoo.generate: a cache made outside would be another graph
+        with torch.inference_mode():  # as in lmzoo.nn.generate: a cache made outside would be another graph
             caches = [m.new_cache(ids.shape[0], ids.shape[1] + 8) for m in (eager, compiled)]
             tokens = [eager.lm_head(eager.hidden_states(ids, attention_mask=mask, cache=c)[:, -1]).argmax(-1)
                       for c in caches]
@@ -380,12 +381,12 @@ def compiled_matches_eager(model, quantize=None, batch=True):
                 assert (b - a).abs().max() <= tol, f"{quantize or 'fp32'}: {(b - a).abs().max():.3g} > {tol:.3g}"
                 tokens = [a[:, -1].argmax(-1), b[:, -1].argmax(-1)]
     prompts = prompts if batch else prompts[:1]
-    assert compiled.generate(prompts, 6) == eager.generate(prompts, 6)  # through lmzoo.generate
+    assert compiled.generate(prompts, 6) == eager.generate(prompts, 6)  # through lmzoo.nn.generate
     return compiled
 
 
 def test_compiled_decode_step_equals_eager():
-    """The compiled decode step (lmzoo.compiled) against the eager one (packed weights), on fp32
+    """The compiled decode step (lmzoo.infer.compiled) against the eager one (packed weights), on fp32
     and then on int4 weights in the same process: two compiled models must never share a graph."""
     for mode in (None, "int4"):
         assert compiled_matches_eager(small(), mode).decode_step.one_graph
@@ -393,7 +394,7 @@ def test_compiled_decode_step_equals_eager():
 
 def test_compiled_step_runs_inductors_own_matrix_kernels(monkeypatch):
     """On the CPU the compiled step's products run in kernels inductor generates for each shape,
-    wherever its benchmark at compile time finds them faster than ATen's (lmzoo.compiled). Here
+    wherever its benchmark at compile time finds them faster than ATen's (lmzoo.infer.compiled). Here
     ATen's are taken out of the choice and the graph cache is off (the count below is taken as the
     kernels are written), so those kernels are built and run for every product of a one-row step:
     fp32, bf16 and int8 steps equal eager. Attention runs as SDPA here: its query-key product
@@ -401,7 +402,8 @@ def test_compiled_step_runs_inductors_own_matrix_kernels(monkeypatch):
     would have no kernel at all."""
     from torch._dynamo.utils import counters
 
-    from lmzoo import attention, compiled
+    from lmzoo.infer import compiled
+    from lmzoo.nn import attention
 
     settings = dict(compiled._CPU_SETTINGS, max_autotune_gemm_backends="CPP", fx_graph_cache=False)
     monkeypatch.setattr(compiled, "_CPU_SETTINGS", settings)

@@ -69,9 +69,9 @@ def _ref_q2_k(b):
     out, q, sc = np.empty((len(b), 256)), b["qs"].astype(np.int64), b["scales"].astype(np.int64)
     for i in range(256):  # halves of 128 use 32 bytes each; 4 bit-pairs per byte; 16 elements per scale
         half, r = divmod(i, 128)
-        shift, l = divmod(r, 32)
+        shift, pos = divmod(r, 32)
         s = sc[:, i // 16]
-        out[:, i] = (_f(b, "d")[:, 0] * (s & 0xF) * ((q[:, half * 32 + l] >> 2 * shift) & 3)
+        out[:, i] = (_f(b, "d")[:, 0] * (s & 0xF) * ((q[:, half * 32 + pos] >> 2 * shift) & 3)
                      - _f(b, "dmin")[:, 0] * (s >> 4))
     return out
 
@@ -86,9 +86,9 @@ def _ref_q3_k(b):
     hm, s = b["hmask"].astype(np.int64), b["scales"].astype(np.int64)
     for i in range(256):
         half, r = divmod(i, 128)
-        shift, l = divmod(r, 32)
-        low2 = (q[:, half * 32 + l] >> 2 * shift) & 3
-        high = (hm[:, l] >> (half * 4 + shift)) & 1  # a cleared high bit means "subtract 4"
+        shift, pos = divmod(r, 32)
+        low2 = (q[:, half * 32 + pos] >> 2 * shift) & 3
+        high = (hm[:, pos] >> (half * 4 + shift)) & 1  # a cleared high bit means "subtract 4"
         out[:, i] = _f(b, "d")[:, 0] * _q3_scale(s, i // 16) * (low2 - 4 * (1 - high))
     return out
 
@@ -97,10 +97,10 @@ def _ref_q45_k(b, five_bit):
     out, q, s = np.empty((len(b), 256)), b["qs"].astype(np.int64), b["scales"].astype(np.int64)
     for i in range(256):  # 4 chunks of 64: 32 bytes, low nibbles = sub-block 2c, high = 2c+1
         chunk, r = divmod(i, 64)
-        sub, l = i // 32, r % 32
-        v = (q[:, chunk * 32 + l] >> (4 if r >= 32 else 0)) & 0xF
+        sub, pos = i // 32, r % 32
+        v = (q[:, chunk * 32 + pos] >> (4 if r >= 32 else 0)) & 0xF
         if five_bit:
-            v = v + ((b["qh"][:, l].astype(np.int64) >> sub) & 1) * 16
+            v = v + ((b["qh"][:, pos].astype(np.int64) >> sub) & 1) * 16
         sc, m = _k_scale_min(s, sub)
         out[:, i] = _f(b, "d")[:, 0] * sc * v - _f(b, "dmin")[:, 0] * m
     return out
@@ -110,10 +110,10 @@ def _ref_q6_k(b):
     out, ql, qh = np.empty((len(b), 256)), b["ql"].astype(np.int64), b["qh"].astype(np.int64)
     for i in range(256):  # per 128-half: 64 ql bytes, 32 qh bytes, 8 scales; quarters of 32
         half, r = divmod(i, 128)
-        quarter, l = divmod(r, 32)
-        lo = (ql[:, half * 64 + l + 32 * (quarter % 2)] >> (4 * (quarter // 2))) & 0xF
-        hi = (qh[:, half * 32 + l] >> 2 * quarter) & 3
-        scale = b["scales"][:, half * 8 + l // 16 + 2 * quarter].astype(np.int64)
+        quarter, pos = divmod(r, 32)
+        lo = (ql[:, half * 64 + pos + 32 * (quarter % 2)] >> (4 * (quarter // 2))) & 0xF
+        hi = (qh[:, half * 32 + pos] >> 2 * quarter) & 3
+        scale = b["scales"][:, half * 8 + pos // 16 + 2 * quarter].astype(np.int64)
         out[:, i] = _f(b, "d")[:, 0] * scale * ((lo | hi << 4) - 32)
     return out
 
@@ -299,7 +299,8 @@ def test_not_a_gguf(tmp_path, content):
 @pytest.mark.parametrize("keep", [6, 20, 40, 120, 200, -40, -1])
 @pytest.mark.parametrize("load_tensors", [True, False])
 def test_truncated(tmp_path, small_gguf, keep, load_tensors):
-    data = open(small_gguf, "rb").read()
+    with open(small_gguf, "rb") as f:
+        data = f.read()
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[:keep])
     with pytest.raises(LmzooError, match=r"cut\.gguf.*truncated") as err:
@@ -326,13 +327,16 @@ def test_unsupported_type(tmp_path):
 
 
 def _patch(path, offset, value: int, nbytes=4):
-    data = bytearray(open(path, "rb").read())
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
     data[offset:offset + nbytes] = value.to_bytes(nbytes, "little")
-    open(path, "wb").write(bytes(data))
+    with open(path, "wb") as f:
+        f.write(bytes(data))
 
 
 def test_unknown_type_id(small_gguf):
-    data = open(small_gguf, "rb").read()
+    with open(small_gguf, "rb") as f:
+        data = f.read()
     at = data.index(b"b.weight") + len(b"b.weight")  # then: u32 n_dims, u64 dims[n_dims], u32 type
     n_dims = int.from_bytes(data[at:at + 4], "little")
     _patch(small_gguf, at + 4 + 8 * n_dims, 99)

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from hf_oracle import ids, save, tiny_hf_model
 
 import lmzoo
-from hf_oracle import ids, save, tiny_hf_model
-from lmzoo.peft import (LoraConfig, add_lora, load_adapter, lora_modules, merge_lora, save_adapter, strip_lora,
-                        unmerge_lora)
+from lmzoo.formats.peft import load_adapter, save_adapter
+from lmzoo.peft import LoraConfig, add_lora, lora_modules, merge_lora, strip_lora, unmerge_lora
 
 # model_type, oracle overrides, PEFT target_modules, the same targets in lmzoo's names
 FAMILIES = {

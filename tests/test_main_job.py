@@ -2,8 +2,9 @@
 
 import json
 
-from lmzoo.tasks import dates
 from tiny import date_data, tiny_dir
+
+from lmzoo.train.tasks import dates
 
 
 def test_the_date_task_is_deterministic_disjoint_and_exact():
@@ -20,7 +21,7 @@ def test_the_date_task_is_deterministic_disjoint_and_exact():
 
 
 def test_compare_peft_measures_every_method(tmp_path, capsys):
-    from lmzoo.compare_peft import run
+    from lmzoo.train.compare_peft import run
 
     tiny_dir(tmp_path / "model")
     date_data(tmp_path / "d.jsonl", 16, seed=2)

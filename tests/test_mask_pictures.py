@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from lmzoo.mask_pictures import as_text, mask_of, save_png
+from lmzoo.show.mask_pictures import as_text, mask_of, save_png
 
 BLUE = np.array([0x2B, 0x6C, 0xB0]) / 255
 
@@ -57,5 +57,6 @@ def test_cli_all_kinds_and_bad_arguments(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     for args, name in ((["--prefix", "9"], "--prefix"), (["--window", "0"], "--window"),
                        (["--stride", "9"], "--stride")):
-        r = subprocess.run([sys.executable, "-m", "lmzoo", "masks", "--seq", "8", *args], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "lmzoo", "masks", "--seq", "8", *args],
+                           capture_output=True, text=True)
         assert r.returncode == 1 and r.stderr.startswith(f"lmzoo: error: {name}") and "Traceback" not in r.stderr

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import lmzoo
-from lmzoo.generate import left_pad
-from lmzoo.masks import build_mask
+from lmzoo.nn.generate import left_pad
+from lmzoo.nn.masks import build_mask
 
 
 def reference(T, *, window=None, pattern="dense", block=4, summary=1, prefix=0, valid=None):
@@ -92,10 +92,12 @@ def test_prefix_lm_sees_both_ways_inside_the_prefix_and_causally_after():
     m, P = model("llama"), 6
     x = torch.randint(0, 53, (1, 12))
     base = hidden(m, x, prefix_len=P)
-    inside = x.clone(); inside[0, 4] = (x[0, 4] + 1) % 53
+    inside = x.clone()
+    inside[0, 4] = (x[0, 4] + 1) % 53
     h = hidden(m, inside, prefix_len=P)
     assert (h[0, :4] - base[0, :4]).abs().max() > 1e-4  # earlier prefix positions see a later prefix token
-    after = x.clone(); after[0, 8] = (x[0, 8] + 1) % 53
+    after = x.clone()
+    after[0, 8] = (x[0, 8] + 1) % 53
     h = hidden(m, after, prefix_len=P)
     torch.testing.assert_close(h[0, :8], base[0, :8], atol=0, rtol=0)  # nothing before it changes
     assert (h[0, 8:] - base[0, 8:]).abs().max() > 1e-4
@@ -107,7 +109,8 @@ def test_causal_mode_never_looks_ahead(name):
     x = torch.randint(0, 53, (1, 14))
     base = hidden(m, x)
     for t in range(14):
-        y = x.clone(); y[0, t] = (x[0, t] + 1) % 53
+        y = x.clone()
+        y[0, t] = (x[0, t] + 1) % 53
         torch.testing.assert_close(hidden(m, y)[0, :t], base[0, :t], atol=0, rtol=0)
 
 
@@ -126,7 +129,7 @@ def test_cached_generation_equals_full_forward(name, padded):
     m = model(name)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [1, 2]] if padded else [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3, 4, 5, 6, 7]]
     outs = m.generate(prompts, max_new_tokens=10)
-    for p, out in zip(prompts, outs):
+    for p, out in zip(prompts, outs, strict=True):
         # the plain path: a full forward pass over the whole sequence, every step
         seq = list(p)
         for _ in range(10):
@@ -164,7 +167,8 @@ def test_prefix_longer_than_sequence_is_refused():
 def test_loss_ignores_unlabelled_tokens_and_the_prefix():
     m = model("llama")
     x = torch.randint(0, 53, (1, 10))
-    labels = x.clone(); labels[0, :6] = -100
+    labels = x.clone()
+    labels[0, :6] = -100
     with torch.no_grad():
         logits = m(x, prefix_len=6)
         expected = torch.nn.functional.cross_entropy(logits[0, 5:9], x[0, 6:10])
@@ -183,5 +187,6 @@ def test_a_prefix_lm_trains_with_its_context_ending_where_the_targets_begin():
         expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
         torch.testing.assert_close(m.loss(x, labels), expected, atol=1e-5, rtol=0)
         # and no target leaks into an earlier prediction: changing the last token changes no earlier logit
-        y = x.clone(); y[:, -1] = (x[:, -1] + 1) % 53
+        y = x.clone()
+        y[:, -1] = (x[:, -1] + 1) % 53
         torch.testing.assert_close(m(y, prefix_len=torch.tensor([7, 4]))[:, :-1], logits[:, :-1], atol=0, rtol=0)

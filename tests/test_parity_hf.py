@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from hf_oracle import assert_round_trip_through_transformers, ids, save, tiny_hf_model
 
 import lmzoo
-from hf_oracle import assert_round_trip_through_transformers, ids, save, tiny_hf_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from hf_oracle import ids, save, tiny_hf_model
 
 import lmzoo
-from hf_oracle import ids, save, tiny_hf_model
-from lmzoo.peft import PrefixConfig, PromptConfig, add_virtual, load_adapter, save_adapter
+from lmzoo.formats.peft import load_adapter, save_adapter
+from lmzoo.peft import PrefixConfig, PromptConfig, add_virtual
 
 FAMILIES = {
     "llama": ("llama", dict(num_key_value_heads=2)),
@@ -104,7 +105,7 @@ def test_cached_generation_equals_full_forward_and_batches_equal_each_prompt(nam
     model = tiny(name, kind)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [1, 2]]
     outs = model.generate(prompts, max_new_tokens=8)
-    for p, out in zip(prompts, outs):
+    for p, out in zip(prompts, outs, strict=True):
         seq = list(p)
         for _ in range(8):  # the plain path: a full forward pass every step
             with torch.no_grad():
@@ -124,7 +125,7 @@ def test_text_positions_zero_or_after_the_prefix():
 
 
 def test_a_different_prefix_changes_the_output_and_a_masked_zero_prefix_changes_nothing(monkeypatch):
-    import lmzoo.model as model_module
+    import lmzoo.nn.model as model_module
 
     plain = lmzoo.from_config(VARIANTS["llama-gqa"]).eval()
     x = torch.randint(0, 61, (2, 10))

@@ -64,7 +64,7 @@ def test_chat_answer_and_batched_generation(models):
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
                for q in chats]
     batched = ours.generate(prompts, max_new_tokens=24, stop_tokens=tok.stop_ids)
-    for p, out in zip(prompts, batched):
+    for p, out in zip(prompts, batched, strict=True):
         alone = ours.generate([p], max_new_tokens=24, stop_tokens=tok.stop_ids)[0]
         assert out == alone
     answer = tok.decode(batched[0][len(prompts[0]):], skip_special_tokens=True)

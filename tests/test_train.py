@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from tiny import smollm_tokenizer, tiny_model
 
 import lmzoo
 from lmzoo.peft import LoraConfig
-from tiny import smollm_tokenizer, tiny_model
 from lmzoo.train import TrainConfig, finetune
 from lmzoo.train.data import IGNORE, encode_record, load_examples, read_jsonl
 
@@ -91,14 +91,14 @@ def test_resume_continues_exactly(tok, tmp_path):
     part_model, _ = run(tok, tmp_path, "part", 6, save_every=3, stop_after=3)
     resumed_model, resumed = run(tok, tmp_path, "part", 6, save_every=3, resume=True)
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in whole.metrics]
-    for (n, a), (_, b) in zip(whole_model.named_parameters(), resumed_model.named_parameters()):
+    for (n, a), (_, b) in zip(whole_model.named_parameters(), resumed_model.named_parameters(), strict=True):
         assert torch.equal(a, b), n
     rows = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok, tmp_path, monkeypatch):
-    from lmzoo.model import Decoder
+    from lmzoo.nn.model import Decoder
 
     real = Decoder.loss
     calls = {"n": 0}
@@ -138,7 +138,7 @@ def test_bf16_autocast_tracks_the_fp32_loss_curve(tok, tmp_path):
                     lora=LoraConfig(r=4, alpha=8, targets=("q", "k", "v", "o", "gate", "up", "down"), dropout=0.1),
                     train=TrainConfig(steps=8, lr=2e-2, batch_size=4, grad_accum=2, seed=1, progress=False,
                                       warmup_steps=2, bf16=True))
-    for a, b in zip(fp32.metrics, bf16.metrics):
+    for a, b in zip(fp32.metrics, bf16.metrics, strict=True):
         assert abs(a["loss"] - b["loss"]) < 0.05 * a["loss"]
     assert bf16.metrics[-1]["loss"] < 0.8 * bf16.metrics[0]["loss"]
 

@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lmzoo.linear as linear_module
-
-from lmzoo.mlp import ACTIVATIONS, Gated
-from lmzoo.model import RMSNorm
+import lmzoo.nn.linear as linear_module
+from lmzoo.nn.mlp import ACTIVATIONS, Gated
+from lmzoo.nn.model import RMSNorm
 from lmzoo.peft.lora import LoraConfig, LoRAFunction, LoRALinear
 
 
@@ -60,7 +59,7 @@ def test_lora_function_equals_plain_autograd_fp32(case):
     x = torch.randn(3, 7, 24)
     fast, plain = lora_outputs(layer, x, True), lora_outputs(layer, x, False)
     assert len(fast) == len(plain) > 3
-    for a, b in zip(fast, plain):
+    for a, b in zip(fast, plain, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
 
@@ -73,7 +72,7 @@ def test_lora_function_on_a_bf16_base_with_fp32_adapters(case):
     assert all(p.dtype == torch.float32 for n, p in layer.named_parameters() if "lora_" in n)
     x = torch.randn(3, 7, 24).to(torch.bfloat16)
     fast, plain = lora_outputs(layer, x, True), lora_outputs(layer, x, False)
-    for a, b in zip(fast, plain):
+    for a, b in zip(fast, plain, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=2e-2 * b.abs().max().item())
 
@@ -101,7 +100,7 @@ def test_gated_recomputing_backward_equals_autograd(activation, dtype):
     plain = act(gate) * up
     plain_grads = torch.autograd.grad(plain, (gate, up), grad)
     torch.testing.assert_close(fast, plain, rtol=0, atol=0)
-    for a, b in zip(fast_grads, plain_grads):
+    for a, b in zip(fast_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -128,7 +127,7 @@ def test_rms_norm_function_equals_autograd_of_the_plain_ops(dtype, weight_grad):
     torch.testing.assert_close(y, plain, rtol=rounding, atol=rounding)
     with torch.no_grad():
         assert torch.equal(norm(x), y)
-    for got, want in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(plain, wrt, dy)):
+    for got, want in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(plain, wrt, dy), strict=True):
         assert got.dtype == want.dtype
         rounding = 1e-6 if dtype == torch.float32 else 2 ** -7
         assert (got.float() - want.float()).abs().max() <= rounding * want.float().abs().max()
@@ -166,7 +165,8 @@ def test_a_lora_model_trains_with_the_same_gradients_as_plain_autograd(fused, mo
 
     fast_loss, fast = grads()
     monkeypatch.setattr(LoRALinear, "forward", lambda self, x: self.plain_forward(
-        x, self.dropout(x), [self.lora_A[k or "all"] for k in self.slices], [self.lora_B[k or "all"] for k in self.slices]))
+        x, self.dropout(x), [self.lora_A[k or "all"] for k in self.slices],
+        [self.lora_B[k or "all"] for k in self.slices]))
     monkeypatch.setattr(Gated, "apply", lambda gate, up, act: act(gate) * up)
     plain_loss, plain = grads()
     torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-6, atol=0)
@@ -201,13 +201,13 @@ def test_bf16_lora_training_tracks_the_fp32_loss_curve(tmp_path):
         assert all(p.dtype == dtype for n, p in model.named_parameters() if not p.requires_grad)
         curves[dtype] = [m["loss"] for m in result.metrics]
     fp32, bf16 = curves[torch.float32], curves[torch.bfloat16]
-    for a, b in zip(fp32, bf16):
+    for a, b in zip(fp32, bf16, strict=True):
         assert abs(a - b) < 0.05 * a
     assert bf16[-1] < 0.7 * bf16[0] and fp32[-1] < 0.7 * fp32[0]
 
 
 # ---------------------------------------------------------------- recomputed activations
-# lmzoo.recompute: a norm's output and the MLP's hidden activation are rebuilt in backward
+# lmzoo.nn.recompute: a norm's output and the MLP's hidden activation are rebuilt in backward
 # instead of being held from forward. Same ops on the same inputs, so the same bits.
 
 RECOMPUTE_FAMILIES = {  # preset, overrides: RMSNorm + SwiGLU split/fused, LayerNorm + GELU
@@ -251,12 +251,12 @@ def loss_and_gradients(model, ids):
 @pytest.mark.parametrize("method", ["full", "lora", "ptuning_v2"])
 @pytest.mark.parametrize("family", list(RECOMPUTE_FAMILIES))
 def test_recomputed_activations_give_the_same_gradients(family, method, monkeypatch):
-    import lmzoo.recompute
+    import lmzoo.nn.recompute
 
     model = tiny_trainable(family, method)
     ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
     loss, grads = loss_and_gradients(model, ids)
-    monkeypatch.setattr(lmzoo.recompute, "ENABLED", False)
+    monkeypatch.setattr(lmzoo.nn.recompute, "ENABLED", False)
     plain_loss, plain = loss_and_gradients(model, ids)
     assert grads.keys() == plain.keys() and grads
     torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
@@ -272,17 +272,17 @@ def test_recomputed_activations_are_not_held_after_forward(method, monkeypatch):
     activation for down."""
     import weakref
 
-    import lmzoo.recompute
+    import lmzoo.nn.recompute
 
     reads, rebuilt = [], []
 
-    def read(self, real=lmzoo.recompute._Target.read):
+    def read(self, real=lmzoo.nn.recompute._Target.read):
         reads.append(1)
         if self.value is None:
             rebuilt.append(1)
         return real(self)
 
-    monkeypatch.setattr(lmzoo.recompute._Target, "read", read)
+    monkeypatch.setattr(lmzoo.nn.recompute._Target, "read", read)
     model = tiny_trainable("llama", method)
     outputs = []
     for block in model.blocks:
@@ -310,7 +310,7 @@ def linear_outputs(fn, x, weight, bias, wrt):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("weight_trains", [False, True])
 def test_onednn_linear_equals_f_linear(monkeypatch, bias, weight_trains):
-    """lmzoo.linear.linear in fp32 on a CPU runs x W^T and g W on oneDNN (each call counted
+    """lmzoo.nn.linear.linear in fp32 on a CPU runs x W^T and g W on oneDNN (each call counted
     here) and gives F.linear's values and gradients to fp32 rounding, frozen weight or not."""
     calls = []
     onednn = linear_module.onednn_linear
@@ -324,7 +324,7 @@ def test_onednn_linear_equals_f_linear(monkeypatch, bias, weight_trains):
     assert calls == [(80, 96), (96, 80)]  # forward with W, the gradient for x with W^T
     want = linear_outputs(F.linear, x, weight, b, wrt)
     assert len(got) == len(want) == 1 + len(wrt)
-    for a, w in zip(got, want):
+    for a, w in zip(got, want, strict=True):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
     with torch.no_grad():  # inference: the same product, without an autograd Function
         y = linear_module.linear(x, weight, b)
@@ -340,7 +340,7 @@ def test_linear_outside_fp32_is_f_linear_itself(monkeypatch, dtype):
     x = torch.randn(2, 5, 24, dtype=dtype, requires_grad=True)
     weight = torch.randn(16, 24, dtype=dtype, requires_grad=True)
     for a, w in zip(linear_outputs(linear_module.linear, x, weight, None, [x, weight]),
-                    linear_outputs(F.linear, x, weight, None, [x, weight])):
+                    linear_outputs(F.linear, x, weight, None, [x, weight]), strict=True):
         assert torch.equal(a, w)
     with pytest.raises(RuntimeError):  # a shape mismatch gets F.linear's own error
         linear_module.linear(torch.randn(2, 23), torch.randn(16, 24))
@@ -350,9 +350,10 @@ def test_linear_outside_fp32_is_f_linear_itself(monkeypatch, dtype):
 def test_model_training_step_equals_the_mkl_one(monkeypatch, adapter):
     """A whole tiny model's loss and gradients (LoRA adapters or every weight, the head's chunked
     loss, the blocks) with oneDNN's products equal those with F.linear everywhere, to fp32 rounding."""
-    from lmzoo.head_loss import ChunkedHeadCrossEntropy
-    from lmzoo.peft import LoraConfig, add_lora
     from tiny import tiny_model
+
+    from lmzoo.nn.head_loss import ChunkedHeadCrossEntropy
+    from lmzoo.peft import LoraConfig, add_lora
 
     def loss_and_grads():
         model = tiny_model(d_model=64, d_ff=128, vocab_size=300)
@@ -372,5 +373,5 @@ def test_model_training_step_equals_the_mkl_one(monkeypatch, adapter):
     monkeypatch.setattr(linear_module, "ONEDNN", False)
     plain = loss_and_grads()
     assert len(fast) == len(plain) > 20
-    for a, b in zip(fast, plain):
+    for a, b in zip(fast, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

@@ -7,8 +7,8 @@ import torch
 
 import lmzoo
 from lmzoo.formats.gguf_file import read_gguf
-from lmzoo.tasks import dates
-from lmzoo.tokenizer import Tokenizer
+from lmzoo.formats.tokenizer import Tokenizer
+from lmzoo.train.tasks import dates
 
 
 def smollm_tokenizer() -> Tokenizer:

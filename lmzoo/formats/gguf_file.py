@@ -165,7 +165,7 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFFile
     data_start = -(-cur.pos // alignment) * alignment
 
     # Check every data range up front, so a cut-short download fails clearly even without loading.
-    for name, (qtype, shape, offset, n_bytes) in infos.items():
+    for name, (_qtype, _shape, offset, n_bytes) in infos.items():
         if data_start + offset + n_bytes > size:
             raise LmzooError(f"{path}: file is truncated or corrupt: tensor {name!r} needs bytes "
                              f"{data_start + offset}..{data_start + offset + n_bytes}, file has {size}")

@@ -1,5 +1,8 @@
 """Adapter files as PEFT writes them: adapter_config.json + adapter_model.safetensors.
 
+    save_adapter(model, "out/adapter")     # LoRA, P-tuning v2 or prompt tuning, atomically
+    load_adapter(model, "out/adapter")     # recognises the adapter's kind and attaches it
+
 LoRA keys are PEFT's: `base_model.model.<HF module path>.lora_A.weight` ([r, in]) and
 `lora_B.weight` ([out, r]), where the HF module path comes from the family's name table, so
 an adapter trained in lmzoo loads in peft on the transformers model and back.
@@ -17,10 +20,12 @@ import os
 
 import torch
 
-from ..atomic import atomic_dir
 from ..errors import LmzooError
+from ..peft.lora import LoraConfig, add_lora, lora_modules
+from ..peft.prefix import PrefixConfig, PromptConfig, add_virtual
+from .atomic import atomic_dir
 from .hf import read_json_in
-from .names import transpose  # noqa: F401  (the adapters ask whether a transform is this one)
+from .names import transpose
 from .registry import format_that_expresses
 
 PREFIX = "base_model.model."
@@ -97,3 +102,182 @@ def check_base(model, recorded: dict, path: str) -> None:
     diff = [f"{k}: adapter {recorded[k]} vs model {mine[k]}" for k in mine if k in recorded and recorded[k] != mine[k]]
     if diff:
         raise LmzooError(f"{path}: this adapter was made for another base model ({'; '.join(diff)})")
+
+
+ENCODER_FILE = "lmzoo_encoder.safetensors"  # the whole encoder (projection MLP included), for resuming
+
+UNSUPPORTED_LORA_OPTIONS = {"use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+                            "bias": "none"}
+
+
+def save_adapter(model, out_dir: str, base_name: str | None = None) -> str:
+    """Write the model's adapter (LoRA) in PEFT's format, atomically."""
+    if getattr(model, "lora_config", None) is not None:
+        return _save_lora(model, out_dir, base_name)
+    if model.virtual is not None:
+        return _save_virtual(model, out_dir, base_name)
+    raise LmzooError("this model has no adapter to save (add one with add_lora or add_virtual first)")
+
+
+def _save_virtual(model, out_dir, base_name):
+    """PEFT's PREFIX_TUNING / PROMPT_TUNING / P_TUNING files, plus the whole encoder in
+    lmzoo_encoder.safetensors: PEFT keeps only the encoder's output, which cannot resume training."""
+    enc, c = model.virtual, model.config
+    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": enc.n_virtual, "num_transformer_submodules": 1,
+              "num_layers": c.n_layers, "inference_mode": True, "base_model_name_or_path": base_name}
+    if enc.kind == "prefix":
+        config = {"peft_type": "PREFIX_TUNING", "token_dim": c.kv_heads * c.head_size,
+                  "num_attention_heads": c.kv_heads, "prefix_projection": enc.cfg.projection,
+                  "encoder_hidden_size": enc.cfg.encoder_hidden or c.d_model, **common}
+    elif enc.cfg.reparam is None:
+        config = {"peft_type": "PROMPT_TUNING", "token_dim": c.d_model, "num_attention_heads": c.n_heads,
+                  "prompt_tuning_init": "RANDOM", **common}
+    else:
+        config = {"peft_type": "P_TUNING", "token_dim": c.d_model, "num_attention_heads": c.n_heads,
+                  "encoder_reparameterization_type": enc.cfg.reparam.upper(),
+                  "encoder_hidden_size": enc.cfg.encoder_hidden or c.d_model, **common}
+    base = {**base_signature(model), "encoder": {k: v for k, v in vars(enc.cfg).items()}}
+    out = write_adapter(out_dir, config, {"prompt_embeddings": enc.flat().detach()}, base,
+                              extra={ENCODER_FILE: {k: v.detach() for k, v in enc.state_dict().items()}})
+    return out
+
+
+def _save_lora(model, out_dir, base_name):
+    cfg = model.lora_config
+    mods = lora_modules(model)
+    common = {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+              "bias": "none", "task_type": "CAUSAL_LM", "inference_mode": True, "base_model_name_or_path": base_name}
+    base = base_signature(model)
+    tensors = {}
+    if any(list(m.slices) != [""] for _, m in mods):
+        for name, m in mods:
+            for key in m.lora_A:
+                tensors[f"{name}.lora_A.{key}"] = m.lora_A[key]
+                tensors[f"{name}.lora_B.{key}"] = m.lora_B[key]
+        config = {"peft_type": SLICED, "targets": list(cfg.targets or ()), **common,
+                  "format": "lmzoo per-slice LoRA: keys are lmzoo module names + .lora_A/.lora_B.<slice>"}
+        return write_adapter(out_dir, config, tensors, base)
+    targets, fan_in_fan_out = set(), False
+    for name, m in mods:
+        path, transform = their_module(model, name)
+        B = m.lora_B["all"]
+        if transform is transpose:  # GPT's Conv1D: PEFT transposes the update itself
+            fan_in_fan_out = True
+        elif transform is not None:  # a row permutation of the weight applies to B's rows too
+            B = transform(B, model.config)
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A["all"]
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = B
+        targets.add(path.rsplit(".", 1)[-1])
+    config = {"peft_type": "LORA", "target_modules": sorted(targets), "fan_in_fan_out": fan_in_fan_out,
+              "init_lora_weights": True, "modules_to_save": None, **common}
+    return write_adapter(out_dir, config, tensors, base)
+
+
+def adapter_kind(path: str) -> str:
+    return read_adapter_config(path).get("peft_type", "?")
+
+
+def load_adapter(model, path: str) -> str:
+    """Attach the adapter in `path` to `model`; returns its kind (peft_type)."""
+    config = read_adapter_config(path)
+    kind = config.get("peft_type")
+    tensors, recorded_base = read_adapter_tensors(path)
+    check_base(model, recorded_base, path)
+    if kind == "LORA":
+        _load_peft_lora(model, config, tensors, path)
+    elif kind == SLICED:
+        _load_sliced_lora(model, config, tensors, path)
+    elif kind in VIRTUAL_KINDS:
+        _load_virtual(model, config, tensors, recorded_base, path)
+    else:
+        raise LmzooError(f"{path}: adapter type {kind!r} is not supported (supported: LORA, {SLICED}, "
+                         f"{', '.join(VIRTUAL_KINDS)})")
+    return kind
+
+
+VIRTUAL_KINDS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+
+
+def _load_virtual(model, config, tensors, recorded_base, path):
+    """lmzoo's own files restore the whole encoder; a PEFT file gives only its output, which
+    becomes a plain embedding (text positions after the virtual tokens, PEFT's convention)."""
+    from safetensors.torch import load_file
+
+    P, c = int(config["num_virtual_tokens"]), model.config
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise LmzooError(f"{path}: num_transformer_submodules must be 1 for a decoder-only model")
+    saved = recorded_base.get("encoder")
+    full = os.path.join(path, ENCODER_FILE)
+    if config["peft_type"] == "PREFIX_TUNING":
+        expect = {"num_layers": c.n_layers, "num_attention_heads": c.kv_heads, "token_dim": c.kv_heads * c.head_size}
+        wrong = [f"{k}: adapter {config.get(k)} vs model {v}" for k, v in expect.items()
+                 if config.get(k) not in (v, None)]
+        if wrong:
+            raise LmzooError(f"{path}: this prefix adapter was made for another base model ({'; '.join(wrong)})")
+        cfg = PrefixConfig(**saved) if saved and os.path.isfile(full) else PrefixConfig(n_virtual=P)
+    else:
+        cfg = PromptConfig(**saved) if saved and os.path.isfile(full) else PromptConfig(n_virtual=P, init="random")
+    encoder = add_virtual(model, cfg)
+    if saved and os.path.isfile(full):
+        state = load_file(full)
+    else:
+        state = {"embedding.weight": tensors["prompt_embeddings"]}
+    own = encoder.state_dict()
+    for name, value in state.items():
+        if name not in own:
+            raise LmzooError(f"{path}: unexpected encoder tensor {name}")
+        _copy(own[name], value, name, path)
+
+
+def _lora_config(config: dict, targets, path: str) -> LoraConfig:
+    for key, default in UNSUPPORTED_LORA_OPTIONS.items():
+        if config.get(key) not in (default, None):
+            raise LmzooError(f"{path}: adapter_config.json {key}={config[key]!r} is not supported "
+                             f"(lmzoo needs {default!r})")
+    return LoraConfig(r=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),
+                      dropout=float(config.get("lora_dropout", 0.0)), targets=tuple(sorted(targets)),
+                      rslora=bool(config.get("use_rslora", False)))
+
+
+def _load_peft_lora(model, config, tensors, path):
+    weights: dict[str, dict[str, object]] = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise LmzooError(f"{path}: unexpected tensor {key} in a LoRA adapter")
+        their_path, part = key[len(PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        weights.setdefault(our_module(model, their_path), {})[part] = (t, their_path)
+    targets = {name.rsplit(".", 1)[-1] for name in weights}
+    add_lora(model, _lora_config(config, targets, path))
+    for ours, parts in weights.items():
+        module = model.get_submodule(ours)
+        (A, their_path), (B, _) = parts["lora_A"], parts["lora_B"]
+        _, transform = their_module(model, ours)
+        if transform is not None and transform is not transpose:
+            B = _inverse_rows(model, ours, B)
+        _copy(module.lora_A["all"], A, f"{their_path}.lora_A.weight", path)
+        _copy(module.lora_B["all"], B, f"{their_path}.lora_B.weight", path)
+
+
+def _inverse_rows(model, ours: str, B):
+    fmt = format_that_expresses(model.config)
+    theirs, _ = fmt.names.theirs(ours + ".weight")
+    _, to_ours = fmt.names.ours(theirs)
+    return to_ours(B, model.config)
+
+
+def _load_sliced_lora(model, config, tensors, path):
+    add_lora(model, _lora_config(config, config.get("targets") or (), path))
+    params = dict(model.named_parameters())
+    for key, t in tensors.items():
+        if key not in params:
+            raise LmzooError(f"{path}: adapter tensor {key} does not exist in this model "
+                             "(an adapter made for another base model?)")
+        _copy(params[key], t, key, path)
+
+
+def _copy(param, value, name: str, path: str) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise LmzooError(f"{path}: adapter tensor {name} has shape {list(value.shape)}, but this model needs "
+                         f"{list(param.shape)} (an adapter made for another base model?)")
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LmzooError
-from ..linear import Linear, g_w, linear, x_wt
+from ..nn.linear import Linear, g_w, linear, x_wt
 
 LINEAR_NAMES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "lm_head", "router")
 SLICE_NAMES = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
@@ -83,7 +83,7 @@ class LoRALinear(nn.Linear):
         """The update with plain autograd ops: the reference LoRAFunction is tested against."""
         y = F.linear(x, self.weight, self.bias)
         update = torch.zeros_like(y)
-        for (start, rows), A, B in zip(self.slices.values(), As, Bs):
+        for (start, rows), A, B in zip(self.slices.values(), As, Bs, strict=True):
             update[..., start:start + rows] = F.linear(F.linear(h, A.to(h.dtype)), B.to(h.dtype))
         return y + self.scale * update
 
@@ -127,7 +127,7 @@ class LoRAFunction(torch.autograd.Function):
         x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
         y = x_wt(x2, weight, bias)
         Ah = [A.to(h2.dtype) @ h2.t() for A in As]  # [r, tokens] each
-        for (start, rows), a, B in zip(slices, Ah, Bs):
+        for (start, rows), a, B in zip(slices, Ah, Bs, strict=True):
             y[:, start:start + rows].addmm_(a.t(), B.to(y.dtype).t(), alpha=scale)
         ctx.scale, ctx.slices, ctx.same_h = scale, slices, h is x
         need_A = any(ctx.needs_input_grad[6:6 + len(slices)])
@@ -145,7 +145,7 @@ class LoRAFunction(torch.autograd.Function):
         grad_x = g_w(g, weight.to(g.dtype)) if need_x else None
         grad_h = grad_x if ctx.same_h else (g.new_zeros(g.shape[0], As[0].shape[1]) if need_h else None)
         grad_A, grad_B = [], []
-        for i, ((start, rows), A, B, a) in enumerate(zip(ctx.slices, As, Bs, Ah)):
+        for i, ((start, rows), A, B, a) in enumerate(zip(ctx.slices, As, Bs, Ah, strict=True)):
             gs = g[:, start:start + rows]
             grad_B.append((a @ gs).mul_(ctx.scale).t().to(B.dtype) if need_B[i] else None)
             ga = (B.to(g.dtype).t() @ gs.t()).mul_(ctx.scale)  # d loss / d (A h^T), [r, tokens]

@@ -1,4 +1,6 @@
-"""Fine-tuning: data, the shared loop, and the methods (full, LoRA; P-tuning v2 next)."""
+"""Fine-tuning: data, the shared loop (loop), one entry point for every method (run: full,
+LoRA, P-tuning v2, prompt tuning), several processes (distributed), the demo, compare-peft and
+the small tasks they train on (tasks/)."""
 
 from .data import DataReport, Example, load_examples, split
 from .loop import TrainConfig, Trainer

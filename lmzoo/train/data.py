@@ -45,7 +45,7 @@ def read_jsonl(path: str, *, skip_bad_lines: bool = False, report: DataReport | 
     """Parsed records; a bad line is an error naming path:line, or skipped and counted."""
     records = []
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8")  # noqa: SIM115  (closed by the `with f:` below; only opening is guarded)
     except OSError as e:
         raise LmzooError(f"{path}: cannot open data file: {e.strerror}") from None
     with f:

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..atomic import atomic_dir, restore_interrupted
 from ..errors import LmzooError
+from ..formats.atomic import atomic_dir, restore_interrupted
 from .data import IGNORE, Example, collate
 
 CHECKPOINT = "checkpoint"
@@ -240,7 +240,8 @@ class Trainer:
         from safetensors.torch import save_file
 
         state = self.trainable_state()
-        optimizer = self.world.optimizer_state(self.model, self.optimizer) if self.world else self.optimizer.state_dict()
+        optimizer = (self.world.optimizer_state(self.model, self.optimizer) if self.world
+                     else self.optimizer.state_dict())
         if not self._is_writer():
             if self.world:
                 self.world.barrier()

@@ -76,7 +76,8 @@ def finetune(model, tokenizer, data: str, out_dir: str, *, method: str = "lora",
     val_loss = trainer.evaluate()["val_loss"] if val_set else None
     if world is not None:  # every process helps gather the weights; the first one writes them
         full = world.full_model_state(model)
-        model = rebuild(model.config, full, method, lora=lora, prefix=prefix, prompt=prompt) if world.rank == 0 else model
+        if world.rank == 0:
+            model = rebuild(model.config, full, method, lora=lora, prefix=prefix, prompt=prompt)
     saved = save_result(model, tokenizer, method, out_dir, base_name, world)
     png = None
     if world is None or world.rank == 0:
@@ -90,7 +91,7 @@ def finetune(model, tokenizer, data: str, out_dir: str, *, method: str = "lora",
 
 def rebuild(config, state, method, **adapters):
     """A plain (unsharded) model holding `state`, with the same adapter attached."""
-    from ..checkpoint import from_config
+    from ..formats.checkpoint import from_config
 
     model = from_config(config)
     prepare(model, method, **adapters)
@@ -102,10 +103,10 @@ def save_result(model, tokenizer, method: str, out_dir: str, base_name, world=No
     if world is not None and world.rank != 0:
         return ""
     if method == "full":
-        from ..checkpoint import save_hf_dir
+        from ..formats.checkpoint import save_hf_dir
 
         return save_hf_dir(model, os.path.join(out_dir, "model"), tokenizer)
-    from ..peft import save_adapter
+    from ..formats.peft import save_adapter
 
     return save_adapter(model, os.path.join(out_dir, "adapter"), base_name=base_name)
 
@@ -123,7 +124,7 @@ def exact_match(model, tokenizer, examples: list[Example], *, max_new_tokens: in
         chunk = scored[start:start + batch_size]
         outs = model.generate([ex.prompt for ex in chunk], max_new_tokens=max_new_tokens,
                               stop_tokens=tokenizer.stop_ids)
-        for ex, out in zip(chunk, outs):
+        for ex, out in zip(chunk, outs, strict=True):
             new = [t for t in out[len(ex.prompt):] if t not in tokenizer.stop_ids]
             pairs.append((ex.answer, tokenizer.decode(new, skip_special_tokens=True)))
     correct = sum(a.strip() == g.strip() for a, g in pairs)

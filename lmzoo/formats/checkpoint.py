@@ -13,15 +13,14 @@ import os
 
 import torch
 
+from ..config import Config
+from ..errors import LmzooError
+from ..families import PRESETS, preset
+from ..nn.model import Decoder
+from . import gguf as gguf_format
+from . import hf, registry
 from .atomic import atomic_dir
-from .config import Config
-from .errors import LmzooError
-from .families import PRESETS, preset
-from .formats import gguf as gguf_format
-from .formats import hf
-from .formats import registry
-from .formats.names import check_state_dict, to_ours, to_theirs
-from .model import Decoder
+from .names import check_state_dict, to_ours, to_theirs
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -120,7 +119,7 @@ def load_hf_dir(path: str):
 
 
 def load_gguf(path: str):
-    from .formats.gguf_file import read_gguf
+    from .gguf_file import read_gguf
     from .tokenizer import Tokenizer
 
     file = read_gguf(path)
@@ -136,11 +135,11 @@ def save_hf_dir(model: Decoder, out_dir: str, tokenizer=None, *, dtype=None) -> 
     from safetensors.torch import save_file
 
     config = model.config
-    from .peft.lora import lora_modules
+    from ..peft.lora import lora_modules
 
     if any(not m.merged for _, m in lora_modules(model)):
         raise LmzooError("this model has unmerged LoRA adapters: merge them first (lmzoo.peft.merge_lora, "
-                         "or `lmzoo merge`), or save the adapter alone with lmzoo.peft.save_adapter")
+                         "or `lmzoo merge`), or save the adapter alone with lmzoo.save_adapter")
     fmt = registry.format_that_expresses(config)
     dtype = resolve_dtype(dtype) if dtype is not None else model.tok_emb.weight.dtype
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()

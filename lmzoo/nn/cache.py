@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config
+from ..config import Config
 
 
 class KVCache:
     def __init__(self, c: Config, batch: int, max_len: int, *, dtype=torch.float32, device=None):
         # One slot more than it holds, never written: the keys read back are then never the whole
-        # buffer, a case a compiled decode step would otherwise compile a second graph for (lmzoo.compiled).
+        # buffer, a case a compiled decode step would otherwise compile a second graph for (lmzoo.infer.compiled).
         shape = (batch, c.kv_heads, max_len + 1, c.head_size)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]

@@ -10,13 +10,14 @@ own. Drawn bottom-up like the Transformer paper.
 
 from __future__ import annotations
 
+import itertools
 import os
 import textwrap
 from dataclasses import dataclass, field
 
+from ..config import Config
+from ..errors import LmzooError
 from .compare import ROPE_FIELDS, architecture_fields, differing_fields
-from .config import Config
-from .errors import LmzooError
 
 # ----------------------------------------------------------------------------- which box shows which fields
 # Together the boxes show every Config field (tests/test_diagram.py checks it), so any difference
@@ -317,7 +318,7 @@ def _draw_flow(ax, items, pos, residuals, height) -> None:
     """Arrows up the column from the token ids to the logits, and the residual connections: from
     a branch point on the column, along the rail on the left, into their sum."""
     spans = [(0.45, 0.45)] + [pos[i.id] for i in items if i.id in pos] + [(height - 1.6, height - 1.6)]
-    for (_, top), (bottom, _) in zip(spans, spans[1:]):
+    for (_, top), (bottom, _) in itertools.pairwise(spans):
         _arrow(ax, (CX, top), (CX, bottom))
     ax.text(CX, 0.3, "token ids", ha="center", va="center", fontsize=9, style="italic")
     ax.text(CX, height - 1.45, "next-token logits", ha="center", va="center", fontsize=9, style="italic")

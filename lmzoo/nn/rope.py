@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .config import Config
+from ..config import Config
 
 
 def ntk_alpha(seq_len: int, max_seq_len: int) -> int:
@@ -89,7 +89,7 @@ def apply_rope(x: torch.Tensor, tables: list[tuple], pairing: str) -> torch.Tens
     if len(tables) == 1:
         return rotate(x, *tables[0], pairing)
     chunks = x.chunk(len(tables), dim=-1)
-    return torch.cat([rotate(part, C, S, pairing) for part, (C, S) in zip(chunks, tables)], dim=-1)
+    return torch.cat([rotate(part, C, S, pairing) for part, (C, S) in zip(chunks, tables, strict=True)], dim=-1)
 
 
 def rotate(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, pairing: str) -> torch.Tensor:

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ..config import Config
+from ..errors import LmzooError
 from .attention import Attention, Step
 from .cache import KVCache
-from .config import Config
-from .errors import LmzooError
 from .head_loss import ChunkedHeadCrossEntropy
 from .linear import Linear, is_plain_linear
 from .masks import build_mask, prefix_end_slots
@@ -212,7 +212,8 @@ class Decoder(nn.Module):
         key_valid = self._key_validity(attention_mask, cache, T)
         if prefix_len is None and c.lm_type == "prefix" and start == 0:
             prefix_len = self._default_prefix(key_valid, T)
-        shift = n_prefix if virtual is not None and virtual.kind == "prefix" and virtual.text_positions == "after" else 0
+        after_prefix = virtual is not None and virtual.kind == "prefix" and virtual.text_positions == "after"
+        shift = n_prefix if after_prefix else 0
         if position_ids is None:
             position_ids = self._default_positions(key_valid, start, T, B, x.device)
         else:
@@ -341,7 +342,7 @@ class Decoder(nn.Module):
                        device=p.device)
 
     def generate(self, input_ids, max_new_tokens: int = 64, **kwargs):
-        """Prompt + new tokens; see lmzoo.generate.generate for the options."""
+        """Prompt + new tokens; see lmzoo.nn.generate.generate for the options."""
         from .generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)

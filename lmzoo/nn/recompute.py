@@ -10,8 +10,8 @@ needs h. The numbers are the same: `make` repeats the forward op on the same inp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from typing import Callable
 
 import torch
 
@@ -53,7 +53,8 @@ class _Recipe:
 
 
 def _owns_its_memory(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t.is_contiguous() and t.storage_offset() == 0 and whole
 
 
 @contextmanager

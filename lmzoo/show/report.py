@@ -5,12 +5,19 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .compare import (SIZE_FIELDS, architecture_fields, classic_of_size, derived, differing_fields, format_value,
-                      shown_value)
+from ..config import Config
+from ..families import PRESETS
+from .compare import (
+    SIZE_FIELDS,
+    architecture_fields,
+    classic_of_size,
+    derived,
+    differing_fields,
+    format_value,
+    human_bytes,
+    shown_value,
+)
 from .compare import human as human_3digits
-from .compare import human_bytes
-from .config import Config
-from .families import PRESETS
 
 COMPONENTS = (("tok_emb", "token embedding"), ("pos_emb", "position embedding"), ("attn_norm", "norms"),
               ("mlp_norm", "norms"), ("final_norm", "norms"), ("attn.", "attention"), ("mlp.", "mlp"),
@@ -103,7 +110,7 @@ def _derived(config: Config) -> list[str]:
 def info(source: str) -> str:
     """`lmzoo info` from the config alone (config.json or the GGUF header), the model built on the
     meta device to count its parameters: fast for any checkpoint size."""
-    from .checkpoint import from_config
+    from ..formats.checkpoint import from_config
     from .compare import load_config
 
     config = load_config(source)

@@ -14,18 +14,18 @@ import time
 
 import torch
 
-from .checkpoint import load
-from .peft import LoraConfig
+from ..formats.checkpoint import load
+from ..peft import LoraConfig
+from . import TrainConfig, exact_match, finetune
+from .data import load_examples
 from .tasks import dates
-from .train import TrainConfig, exact_match, finetune
-from .train.data import load_examples
 
 SHOWN = 4
 
 
 def show_answers(title: str, pairs, sentences) -> None:
     print(f"\n{title}")
-    for (expected, got), sentence in zip(pairs[:SHOWN], sentences):
+    for (expected, got), sentence in list(zip(pairs, sentences, strict=True))[:SHOWN]:
         mark = "ok " if got.strip() == expected.strip() else "no "
         print(f"  [{mark}] {sentence}\n        expected {expected!r}, got {got.strip()[:60]!r}")
 

@@ -1,12 +1,12 @@
 """The commands that show the differences between families: diff, families, diagram.
 
-Each prints what lmzoo.compare / lmzoo.diagram compute from the Configs; nothing is written by
+Each prints what lmzoo.show.compare / lmzoo.show.diagram compute from the Configs; nothing is written by
 hand, so the tables and pictures follow the presets and checkpoints as they change.
 """
 
 from __future__ import annotations
 
-from .errors import LmzooError
+from ..errors import LmzooError
 
 
 def register(sub) -> None:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import LmzooError
-from .linear import is_plain_linear
+from ..errors import LmzooError
+from ..nn.linear import is_plain_linear
+from .fuse import fuse_projections
 
 MODES = ("int8", "int4")
 
@@ -109,13 +110,12 @@ def _pack_int4(q: torch.Tensor, device) -> torch.Tensor:
 @torch.no_grad()
 def quantize(model: nn.Module, mode: str = "int8", *, group_size: int = 32, head: bool = True) -> nn.Module:
     """Replace the plain nn.Linear layers of `model` (the blocks' projections, and the head unless
-    head=False; in int4 mode the head gets int8) by int8 or int4 weight-only layers, in place; embeddings and norms stay as they
-    are (a tied head gets its own quantized copy). For inference: the quantized layers have no
-    trainable weights. Attach and merge LoRA before quantizing, not after."""
+    head=False; in int4 mode the head gets int8) by int8 or int4 weight-only layers, in place;
+    embeddings and norms stay as they are (a tied head gets its own quantized copy). For
+    inference: the quantized layers have no trainable weights. Attach and merge LoRA before
+    quantizing, not after."""
     if mode not in MODES:
         raise LmzooError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
-    from .inference import fuse_projections
-
     fuse_projections(model)
     targets = [(name, m) for name, m in model.named_modules() if is_plain_linear(m)]
     for name, linear in targets:

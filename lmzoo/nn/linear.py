@@ -44,7 +44,7 @@ def _forward_on_onednn(x, weight, bias) -> bool:
 
 
 def onednn_linear(a: torch.Tensor, weight_as_linear, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a W^T + b on oneDNN, for a plain or an oneDNN-packed (lmzoo.inference.PackedLinear) W."""
+    """a W^T + b on oneDNN, for a plain or an oneDNN-packed (lmzoo.infer.prepare.PackedLinear) W."""
     return torch.ops.mkldnn._linear_pointwise(a, weight_as_linear, bias, "none", [None], "")
 
 

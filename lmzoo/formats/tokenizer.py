@@ -16,7 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
-from .errors import LmzooError
+from ..errors import LmzooError
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Tokens that close a chat turn; generation must stop on them even when the model's eos is another token.
@@ -231,6 +231,9 @@ class Tokenizer:
                 raise LmzooError(f"{source}: {key} is missing; a byte-level BPE tokenizer needs it")
         tokens = list(metadata["tokenizer.ggml.tokens"])
         types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        if len(types) != len(tokens):
+            raise LmzooError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries but "
+                             f"tokenizer.ggml.tokens has {len(tokens)}; they must match one to one")
 
         # Ordinary tokens must be spelled in the byte alphabet for BPE to produce them; some converters store
         # them as raw text, so respell those. Control (3) and user-defined (4) tokens are matched whole by the
@@ -238,7 +241,7 @@ class Tokenizer:
         to_char = _byte_to_char()
         alphabet = set(to_char.values())
         vocab = {}
-        for index, (token, token_type) in enumerate(zip(tokens, types)):
+        for index, (token, token_type) in enumerate(zip(tokens, types, strict=True)):
             if token_type not in (3, 4) and not set(token) <= alphabet:
                 token = "".join(to_char[b] for b in token.encode("utf-8"))
             vocab.setdefault(token, index)
@@ -261,12 +264,12 @@ class Tokenizer:
             return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
 
         special = {name: token_at(f"tokenizer.ggml.{key}_token_id")
-                   for name, key in zip(_SPECIAL_NAMES, ("bos", "eos", "unknown", "padding"))}
+                   for name, key in zip(_SPECIAL_NAMES, ("bos", "eos", "unknown", "padding"), strict=True)}
         # Without these, "<|im_end|>" in a prompt would be cut into "<", "|", "im", ... instead of one id.
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                    for t, token_type in zip(tokens, types) if token_type == 3])
+                                    for t, token_type in zip(tokens, types, strict=True) if token_type == 3])
         backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                            for t, token_type in zip(tokens, types) if token_type == 4])
+                            for t, token_type in zip(tokens, types, strict=True) if token_type == 4])
         bos = special["bos_token"]
         if metadata.get("tokenizer.ggml.add_bos_token") and bos is not None:
             # The same template transformers builds for add_bos_token, so the saved tokenizer.json carries it.

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .errors import LmzooError
+from ..errors import LmzooError
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -73,7 +73,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
     cache = model.new_cache(B, T + max_new_tokens)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    # A model prepared with compile=True decodes through its compiled step (lmzoo.compiled).
+    # A model prepared with compile=True decodes through its compiled step (lmzoo.infer.compiled).
     step = getattr(model, "decode_step", None) or (lambda ids, cache: model(ids, cache=cache))
     # The prompt's logits are needed at its last position only: apply the head there alone.
     hidden = model.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, prefix_len=prefix_len)
@@ -117,4 +117,4 @@ def generate(model, input_ids, max_new_tokens: int = 64, *, pad_id: int | None =
         for row, t in enumerate(token.tolist()):
             if t >= 0:
                 new[row].append(t)
-    return [p + n for p, n in zip(prompts, new)]
+    return [p + n for p, n in zip(prompts, new, strict=True)]

@@ -1,6 +1,6 @@
 """`lmzoo masks`: the attention patterns of the mask builder, drawn as text and as a PNG.
 
-Every picture comes from lmzoo.masks.build_mask itself, so what the user sees is what the
+Every picture comes from lmzoo.nn.masks.build_mask itself, so what the user sees is what the
 model uses. Rows are queries, columns keys; a filled cell means "may attend".
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LmzooError
-from .masks import build_mask
+from ..errors import LmzooError
+from ..nn.masks import build_mask
 
 KINDS = ("causal", "prefix", "sliding", "strided", "fixed")
 TITLES = {"causal": "causal LM", "prefix": "prefix LM (prefix={prefix})", "sliding": "sliding window (w={window})",
@@ -70,7 +70,7 @@ def save_png(masks: dict[str, torch.Tensor], path: str) -> None:
     n = len(masks)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.6), squeeze=False)
     cmap = ListedColormap(["#f4f4f4", "#2b6cb0"])
-    for ax, (title, mask) in zip(axes[0], masks.items()):
+    for ax, (title, mask) in zip(axes[0], masks.items(), strict=True):
         ax.imshow(mask.numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("key position")

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Config
 from .cache import KVCache
-from .config import Config
 from .linear import Linear
 from .rope import apply_rope
 
@@ -21,7 +21,7 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5
 class Step:
     """What every layer needs to know about the current forward pass."""
 
-    rope: list | None  # rotary [(C, S)] tables, each [B, T, 1, rd] (lmzoo.rope); None for learned positions
+    rope: list | None  # rotary [(C, S)] tables, each [B, T, 1, rd] (lmzoo.nn.rope); None for learned positions
     query_scale: torch.Tensor | None  # [B, 1, T, 1] multiplier of the queries (logn attention), or None
     dense: tuple  # (mask, is_causal) of dense layers: mask boolean [B|1, 1, Tq, Tk] or None
     sparse: tuple | None  # the same for layers with a sparse pattern (GPT-3)

@@ -1,7 +1,7 @@
 """A compiled decode step: one token through the whole decoder as one torch.compile graph.
 
     model.decode_step = CompiledDecodeStep(model)   # what prepare_for_inference(..., compile=True) does
-    logits = model.decode_step(token_ids, cache)     # [B, 1] -> [B, 1, vocab]; lmzoo.generate uses it
+    logits = model.decode_step(token_ids, cache)     # [B, 1] -> [B, 1, vocab]; lmzoo.nn.generate uses it
 
 Decoding one token on a CPU runs about 45 small ops per block, each costing a few microseconds
 of Python and dispatch on top of its work. For a small model those costs are as large as the
@@ -24,7 +24,7 @@ benchmarks and builds those kernels (1-3 minutes on 2 cores), later processes fi
 torch's compile cache (13-90 s). So it is opt-in: `lmzoo generate --compile`.
 
 Inside the compiled step attention for the one new query is a small product, a softmax and a
-weighted sum that inductor fuses (lmzoo.attention.one_query_attention): SDPA's CPU kernel spent
+weighted sum that inductor fuses (lmzoo.nn.attention.one_query_attention): SDPA's CPU kernel spent
 most of its time per call on set-up, ~62 us per layer in bf16.
 
 It computes what the eager step computes: the tests check equal greedy tokens, and logits
@@ -41,7 +41,7 @@ import warnings
 
 import torch
 
-from .errors import LmzooError
+from ..errors import LmzooError
 
 
 def _decode_step(model, input_ids, cache):

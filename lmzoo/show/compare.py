@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import Config, field_names
-from .errors import LmzooError
-from .families import CLASSIC, PRESETS, preset
-from .masks import build_mask
+from ..config import Config, field_names
+from ..errors import LmzooError
+from ..families import CLASSIC, PRESETS, preset
+from ..nn.masks import build_mask
 
 FORMATS = ("text", "markdown", "json")
 # The FLOPs column is for a token that sees this many tokens: GPT-3's context, and the n_ctx of
@@ -36,12 +36,12 @@ def load_config(source: str | os.PathLike) -> Config:
     """A preset's Config, or a checkpoint's read from its config.json or GGUF header only."""
     source = os.fspath(source)
     if os.path.isdir(source):
-        from .formats import hf, registry
+        from ..formats import hf, registry
 
         return registry.config_from_hf(hf.read_config_json(source), os.path.join(source, "config.json"))[0]
     if os.path.isfile(source) and source.endswith(".gguf"):
-        from .formats.gguf import config_from_gguf
-        from .formats.gguf_file import read_gguf
+        from ..formats.gguf import config_from_gguf
+        from ..formats.gguf_file import read_gguf
 
         file = read_gguf(source, load_tensors=False)  # the header: metadata and tensor names
         return config_from_gguf(file.metadata, file.shapes.keys(), source)
@@ -260,7 +260,7 @@ def table(header: list[str], rows: list[list[str]], fmt: str) -> str:
             return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
         return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
@@ -283,7 +283,7 @@ def diff_report(sources: list[str], fmt: str = "text", context: int = FLOPS_CONT
     ds = [derived(c, context) for c in configs]
     if fmt == "json":
         return json.dumps({
-            "models": [{"source": os.fspath(s), "family": c.family} for s, c in zip(sources, configs)],
+            "models": [{"source": os.fspath(s), "family": c.family} for s, c in zip(sources, configs, strict=True)],
             "fields": [{"name": f, "doc": Config.explain(f), "values": [values(c)[f] for c in configs],
                         "applies": [f not in inert_fields(c) for c in configs]} for f in fields],
             "derived": [asdict(d) for d in ds],

@@ -1,19 +1,19 @@
 """Make a loaded model fast for inference, without changing what it computes.
 
     prepare_for_inference(model)            # fuse, then pack the weights for the CPU's matmul library
-    prepare_for_inference(model, "int8")    # fuse, then quantize (lmzoo.quant) instead of packing
-    prepare_for_inference(model, compile=True)  # ... and compile the decode step (lmzoo.compiled)
+    prepare_for_inference(model, "int8")    # fuse, then quantize (lmzoo.infer.quant) instead of packing
+    prepare_for_inference(model, compile=True)  # ... and compile the decode step (lmzoo.infer.compiled)
 
 Decoding one token reads every weight once, so it is bound by memory bandwidth and by the
-overhead of each call. Three things help, in this order:
+overhead of each call. Four things help, in this order:
 
-1. fuse_projections: q|k|v and gate|up become one matrix each (the layout Qwen1 and ChatGLM
+1. fuse_projections (lmzoo.infer.fuse): q|k|v and gate|up become one matrix each (the layout Qwen1 and ChatGLM
    already use): 4 matrix products per block instead of 7.
 2. PackedLinear: the weight is rearranged once into the blocked layout oneDNN reads fastest.
    A matrix-vector product then streams memory at ~26 GB/s here instead of the ~11 GB/s of the
    default (MKL) path, and large products (prefill) gain 10-25% too.
-3. quantization (lmzoo.quant) moves fewer bytes per weight.
-4. a compiled decode step (lmzoo.compiled) removes the per-op overhead between the products.
+3. quantization (lmzoo.infer.quant) moves fewer bytes per weight.
+4. a compiled decode step (lmzoo.infer.compiled) removes the per-op overhead between the products.
 
 The result is for inference only: the parameter names change, packed weights cannot be saved
 or trained, and an attached LoRA adapter is merged into the weights first.
@@ -27,9 +27,10 @@ import weakref
 import torch
 from torch import nn
 
-from .linear import ONEDNN, Linear, is_plain_linear, onednn_linear
+from ..nn.linear import ONEDNN, is_plain_linear, onednn_linear
+from .fuse import fuse_projections
 
-# Packed weights by handle, for the compiled decode step (lmzoo.compiled): torch.compile cannot
+# Packed weights by handle, for the compiled decode step (lmzoo.infer.compiled): torch.compile cannot
 # trace an opaque oneDNN tensor, so a compiled graph calls `lmzoo::packed_linear` with the
 # weight's handle instead, and the op runs outside the graph. Weak: a freed module frees its weight.
 _PACKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -89,36 +90,6 @@ class PackedLinear(nn.Module):
         return onednn_linear(eye, self.packed).t().contiguous()
 
 
-def _fused(linears: list[nn.Linear]) -> Linear:
-    """One Linear whose output rows are the given layers' outputs, one after the other."""
-    first = linears[0]
-    fused = Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
-                   device=first.weight.device, dtype=first.weight.dtype)
-    fused.weight.data = torch.cat([m.weight.detach() for m in linears])
-    if first.bias is not None:
-        fused.bias.data = torch.cat([m.bias.detach() for m in linears])
-    return fused
-
-
-@torch.no_grad()
-def fuse_projections(model: nn.Module) -> nn.Module:
-    """Merge separate q, k, v into one `qkv` and gate, up into one `gate_up` (the layouts the
-    fused families already use), so a block makes 4 matrix products instead of 7. Only plain
-    nn.Linear layers are merged (not LoRA-wrapped ones)."""
-    from .attention import Attention
-    from .mlp import MLP
-
-    for m in model.modules():
-        if isinstance(m, Attention) and not hasattr(m, "qkv") and all(is_plain_linear(getattr(m, n)) for n in "qkv"):
-            m.qkv = _fused([m.q, m.k, m.v])
-            del m.q, m.k, m.v
-        elif isinstance(m, MLP) and m.gated and not hasattr(m, "gate_up") and \
-                is_plain_linear(m.gate) and is_plain_linear(m.up):
-            m.gate_up = _fused([m.gate, m.up])
-            del m.gate, m.up
-    return model
-
-
 def pack_linears(model: nn.Module) -> nn.Module:
     """Replace every packable nn.Linear (see PackedLinear.supports) by a PackedLinear, in place.
     MoE routers stay exact nn.Linear: their scores pick experts."""
@@ -134,9 +105,9 @@ def pack_linears(model: nn.Module) -> nn.Module:
 def prepare_for_inference(model: nn.Module, quantize: str | None = None, compile: bool = False) -> nn.Module:
     """Fuse projections, then quantize (`quantize` = "int8" or "int4") or pack the weights.
     In place; returns the model in eval mode. A LoRA adapter is merged into the weights first.
-    compile=True also gives the model a compiled decode step (lmzoo.compiled), which
-    lmzoo.generate then uses for every token after the prompt."""
-    from .peft import strip_lora
+    compile=True also gives the model a compiled decode step (lmzoo.infer.compiled), which
+    lmzoo.nn.generate then uses for every token after the prompt."""
+    from ..peft import strip_lora
 
     strip_lora(model)
     model.eval()
@@ -146,7 +117,7 @@ def prepare_for_inference(model: nn.Module, quantize: str | None = None, compile
 
         quantize_weights(model, quantize)
     elif not compile:
-        # A compiled step makes its own kernels for the plain weights (lmzoo.compiled); oneDNN's
+        # A compiled step makes its own kernels for the plain weights (lmzoo.infer.compiled); oneDNN's
         # packed tensors are opaque to it, and a packed copy besides would be a third.
         pack_linears(model)
     if compile:

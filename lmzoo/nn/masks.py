@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LmzooError
+from ..errors import LmzooError
 
 PATTERNS = ("dense", "banded", "strided", "fixed")
 

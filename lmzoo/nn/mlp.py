@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from ..config import Config
 from .linear import Linear
 from .recompute import recomputed
 

@@ -68,7 +68,7 @@ def _rows_at_a_time(h, weight, y, scale, want_h):
     grad_h = torch.empty_like(h) if want_h else None
     # the first chunk writes grad_w whole (beta=0 below); with no rows at all it stays zero
     grad_w = (torch.empty_like if len(h) else torch.zeros_like)(weight, dtype=torch.float32)
-    # In fp32 on a CPU, oneDNN makes each chunk's logits (lmzoo.linear): faster than MKL's
+    # In fp32 on a CPU, oneDNN makes each chunk's logits (lmzoo.nn.linear): faster than MKL's
     # product, even into a fresh output. Otherwise one logits buffer serves every chunk: a
     # fresh one per chunk would be new memory each time (large blocks come straight from the
     # OS, page by page: in bf16, where each chunk also has an fp32 copy and a bf16 gradient,

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from .errors import LmzooError
+from ..errors import LmzooError
 
 METHODS = ("lora", "ptuning-v2", "prompt-tuning")
 # Each method at a learning rate that suits it (prefixes and prompts want larger steps).
@@ -38,10 +38,10 @@ def worker(method: str, data: str, test: str, out: str, steps: int, batch_size: 
     """Train one method and measure it (runs in its own process)."""
     import torch
 
-    from .checkpoint import load
-    from .peft import LoraConfig, PrefixConfig, PromptConfig
-    from .train import TrainConfig, exact_match, finetune
-    from .train.data import load_examples
+    from ..formats.checkpoint import load
+    from ..peft import LoraConfig, PrefixConfig, PromptConfig
+    from . import TrainConfig, exact_match, finetune
+    from .data import load_examples
 
     torch.manual_seed(seed)
     model, tok = load(model_source)
@@ -71,7 +71,7 @@ def run(out_dir: str, *, data: str | None = None, steps: int = 40, batch_size: i
     methods = METHODS + (("full",) if with_full else ())
     rows = []
     for method in tqdm(methods, desc="methods", unit="method"):
-        args = [sys.executable, "-m", "lmzoo.compare_peft", method, data, test, os.path.join(out_dir, method),
+        args = [sys.executable, "-m", "lmzoo.train.compare_peft", method, data, test, os.path.join(out_dir, method),
                 str(steps), str(batch_size), str(seed), model or ""]
         r = subprocess.run(args, capture_output=True, text=True)
         if r.returncode != 0:
@@ -90,7 +90,7 @@ def _held_out_split(data: str, out_dir: str, seed: int) -> tuple[str, str]:
     """Keep a tenth of a user's file for evaluation; train on the rest."""
     import random
 
-    from .train.data import read_jsonl
+    from .data import read_jsonl
 
     records = read_jsonl(data)
     random.Random(seed).shuffle(records)
@@ -138,7 +138,7 @@ def chart(rows: list[dict], path: str) -> str:
               ("peak RSS (GB)", [r["peak_rss_bytes"] / 2**30 for r in rows])]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
     colors = ["#2b6cb0", "#c05621", "#2f855a", "#6b46c1"][:len(rows)]
-    for ax, (title, values) in zip(axes, panels):
+    for ax, (title, values) in zip(axes, panels, strict=True):
         ax.bar(names, values, color=colors)
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
@@ -149,6 +149,6 @@ def chart(rows: list[dict], path: str) -> str:
     return path
 
 
-if __name__ == "__main__":  # the worker: python -m lmzoo.compare_peft METHOD DATA TEST OUT STEPS BATCH SEED MODEL
+if __name__ == "__main__":  # the worker: python -m lmzoo.train.compare_peft METHOD DATA TEST OUT STEPS BATCH SEED MODEL
     m, d, t, o, s, b, seed, source = sys.argv[1:9]
     print(json.dumps(worker(m, d, t, o, int(s), int(b), int(seed), source or None)))
