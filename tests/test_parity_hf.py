@@ -39,6 +39,34 @@ def test_logits_equal_transformers(case, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("defect", ["rotary position", "window"])
+def test_a_one_position_defect_fails_parity_by_a_wide_margin(defect, tmp_path, monkeypatch):
+    """The oracle is sharp enough to matter: one position off in rotary (from the middle of the
+    sequence on) or a sliding window one token too wide moves the logits by ~1 and ~2.5, five
+    orders of magnitude above the parity tolerance (with transformers' 0.02 init: 1.3e-3, 0.14)."""
+    import lmzoo.nn.model as model_module
+
+    oracle = tiny_hf_model("mistral", num_key_value_heads=2, sliding_window=7)
+    ours, _ = lmzoo.load(save(oracle, tmp_path / "ckpt"))
+    rope_tables, build_mask = model_module.rope_tables, model_module.build_mask
+
+    def shifted_rope(c, positions, **kw):
+        positions = positions.clone()
+        positions[..., positions.shape[-1] // 2:] += 1
+        return rope_tables(c, positions, **kw)
+
+    def wider_window(*args, window=None, **kw):
+        return build_mask(*args, window=None if window is None else window + 1, **kw)
+
+    if defect == "rotary position":
+        monkeypatch.setattr(model_module, "rope_tables", shifted_rope)
+    else:
+        monkeypatch.setattr(model_module, "build_mask", wider_window)
+    x = ids(length=40)
+    with torch.no_grad():
+        assert (ours(x) - oracle(x).logits).abs().max() > 0.5
+
+
 @pytest.mark.parametrize("case", ["llama-gqa", "llama3-rope-scaling-tied", "mistral-window-on", "qwen2", "mixtral"])
 def test_round_trip_through_transformers(case, tmp_path):
     model_type, overrides = CASES[case]
