@@ -63,14 +63,20 @@ def test_generation_equals_argmax_of_full_forward():
 
 
 def test_stop_tokens_end_each_row():
+    """Rows of one batch stop at their own steps: each ends right after its first stop token,
+    the others keep generating exactly as without stop tokens, and a row that never meets one
+    runs to max_new_tokens."""
     model = model_for("llama-gqa")
-    x = torch.randint(0, 101, (1, 8))
-    free = model.generate(x, max_new_tokens=10)[0, 8:].tolist()
-    stop = free[3]
-    first = free.index(stop)
-    out = model.generate(x, max_new_tokens=10, stop_tokens=[stop])[0, 8:].tolist()
-    assert out[:first + 1] == free[:first + 1]
-    assert len(out) == first + 1
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [1, 2, 3], [4, 4, 9, 30, 2, 7], [60, 61]]
+    free = [out[len(p):] for p, out in zip(prompts, model.generate(prompts, max_new_tokens=10), strict=True)]
+    stops = {free[0][1], free[1][5]}  # row 0 stops early, row 1 later (or where these come first)
+    firsts = [next((i for i, t in enumerate(row) if t in stops), None) for row in free]
+    assert len({f for f in firsts if f is not None}) >= 2, firsts  # the rows do stop at different steps
+    assert None in firsts, firsts  # and one row never stops
+    out = model.generate(prompts, max_new_tokens=10, stop_tokens=sorted(stops))
+    for p, row, first, got in zip(prompts, free, firsts, out, strict=True):
+        want = row if first is None else row[:first + 1]
+        assert got[len(p):] == want
 
 
 def test_sampling_is_seeded_and_respects_top_k_and_top_p():
@@ -88,6 +94,23 @@ def test_sampling_is_seeded_and_respects_top_k_and_top_p():
     s1 = model.generate(x, 8, temperature=1.0, seed=7)
     s2 = model.generate(x, 8, temperature=1.0, seed=7)
     assert torch.equal(s1, s2)
+
+
+def test_temperature_shapes_the_distribution():
+    """Sampled frequencies follow softmax(logits / temperature): sharper below 1, flatter above
+    (greedy decoding would give the top token every time at both)."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]]).repeat(4000, 1)
+    for temperature in (0.5, 2.0):
+        drawn = sample(logits, temperature, generator=torch.Generator().manual_seed(3))
+        frequency = torch.bincount(drawn, minlength=5).float() / len(drawn)
+        want = torch.softmax(logits[0] / temperature, -1)  # top token: 0.865 at 0.5, 0.464 at 2.0
+        assert (frequency - want).abs().max() < 0.03, (temperature, frequency, want)
+    model = model_for("llama-gqa")
+    x = torch.randint(0, 101, (1, 4), generator=torch.Generator().manual_seed(0))
+    greedy = model.generate(x, 8)
+    hot = [model.generate(x, 8, temperature=5.0, seed=seed) for seed in range(3)]
+    assert all(not torch.equal(h, greedy) for h in hot)  # at 5.0 nearly uniform over 101 tokens
+    assert torch.equal(model.generate(x, 8, temperature=1e-4, seed=0), greedy)  # near 0: the argmax
 
 
 def test_prompt_longer_than_context_is_refused():

@@ -196,7 +196,13 @@ def test_info_names_the_nearest_preset_and_what_differs(tmp_path):
     assert "total parameters                134,515,008" in text
 
 
-def test_info_of_the_embedded_gguf_reads_only_its_header():
+def test_info_of_the_embedded_gguf_reads_only_its_header(monkeypatch):
+    import lmzoo.formats.gguf_file as gguf_file
+
+    def no_tensor_data(*args):
+        raise AssertionError("info read a tensor's data")
+
+    monkeypatch.setattr(gguf_file, "_dequantize", no_tensor_data)  # every tensor read goes through it
     text = info(lmzoo.default_model_path())
     assert "Same config as the preset smollm2-135m." in text  # norm_eps stored as float32 is no difference
     assert "KV cache / token (fp16)              23,040" in text

@@ -269,9 +269,21 @@ def test_default_positions_of_a_generated_part_equal_the_reference(model, state)
 
 
 def test_rotary_frequencies_are_rounded_like_thudm(model, state):
+    """THUDM stores inv_freq in fp16; rope_fp16_frequencies=True rounds them the same way. The
+    rounding moves these logits by ~1e-4 (up to 13x the tolerance) at every position, so each
+    setting matches its own reference and not the other's."""
+    rounded, unrounded = expected(tuple(FULL), True), expected(tuple(FULL), False)
+    assert (rounded - unrounded).abs().amax(-1).min() > 4e-5  # the rounding matters everywhere here
+    exact = lmzoo.from_config(model.config.replace(rope_fp16_frequencies=False)).eval()
+    exact.load_state_dict(model.state_dict())
+    ids, positions = torch.tensor([FULL]), thudm_ids(FULL)
     with torch.no_grad():
-        got = model(torch.tensor([FULL]), prefix_len=8, position_ids=thudm_ids(FULL))[0]
-    close(got, expected(tuple(FULL), True))
+        got_rounded = model(ids, prefix_len=8, position_ids=positions)[0]
+        got_exact = exact(ids, prefix_len=8, position_ids=positions)[0]
+    close(got_rounded, rounded)
+    close(got_exact, unrounded)
+    assert (got_rounded.double() - unrounded).abs().max() > 4e-5
+    assert (got_exact.double() - rounded).abs().max() > 4e-5
 
 
 # ----------------------------------------------------------------------------- masks and positions

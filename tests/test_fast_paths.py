@@ -278,22 +278,91 @@ def test_packed_linear_equals_linear(dtype):
         with torch.no_grad():
             tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
             torch.testing.assert_close(packed(x), lin(x), **tol)
-    assert packed(torch.randn(3, 96)).dtype == torch.float32 or dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2-7b", "chatglm3-6b", "gpt2"])
-def test_prepared_model_equals_plain(name):
+PREPARED_CASES = {  # name: (preset, extra config, adapter)
+    "smollm2": ("smollm2-135m", {}, None),
+    "qwen2": ("qwen2-7b", {}, None),
+    "chatglm3": ("chatglm3-6b", {}, None),
+    "gpt2": ("gpt2", {}, None),
+    "mixtral-moe": ("mixtral-8x7b", {"n_experts": 4}, None),  # every expert fused and packed
+    "ptuning-v2": ("smollm2-135m", {}, "prefix"),  # virtual keys and values through the fused qkv
+    "prompt-tuning": ("smollm2-135m", {}, "prompt"),  # virtual input embeddings
+}
+
+
+def packed_linears_expected(c) -> int:
+    """The head, and per block: qkv, o, then gate|up and down once per expert (the router stays exact)."""
+    return 1 + c.n_layers * (2 + 2 * max(1, c.n_experts))
+
+
+@pytest.mark.parametrize("case", PREPARED_CASES)
+def test_prepared_model_equals_plain(case):
     """prepare_for_inference (fused projections, packed weights) changes fp32 logits by < 1e-4,
-    for a prefill and for cached decoding, and greedy generation gives the same tokens."""
-    model = small(name, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=128)
+    for a prefill and for cached decoding, and greedy generation gives the same tokens: for dense
+    and MoE blocks, and with P-tuning v2 and prompt-tuning adapters attached."""
+    from lmzoo.peft import PrefixConfig, PromptConfig, add_virtual
+
+    name, extra, adapter = PREPARED_CASES[case]
+    model = small(name, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=128, **extra)
+    if adapter is not None:
+        config = PrefixConfig(n_virtual=4) if adapter == "prefix" else PromptConfig(n_virtual=4, init="random")
+        with torch.no_grad():
+            for p in add_virtual(model, config).parameters():
+                p.normal_(std=0.5)  # a fresh encoder would barely move the logits
+        model.eval()
     ids = torch.randint(0, 128, (2, 11))
     with torch.no_grad():
         ref = model(ids)
         fast = prepare_for_inference(copy.deepcopy(model))
         torch.testing.assert_close(fast(ids), ref, rtol=1e-4, atol=1e-4)
         assert torch.equal(fast.generate(ids, 6), model.generate(ids, 6))
-    packed = [m for m in fast.modules() if isinstance(m, PackedLinear)]
-    assert len(packed) == 1 + 4 * 2 if PackedLinear.supports(torch.nn.Linear(2, 2)) else not packed
+    packed = [m for name, m in fast.named_modules() if isinstance(m, PackedLinear) and not name.startswith("virtual")]
+    if PackedLinear.supports(torch.nn.Linear(2, 2)):
+        assert len(packed) == packed_linears_expected(model.config)
+    else:
+        assert not packed
+
+
+@pytest.mark.parametrize("weight_dtype,input_dtype", [(torch.float32, torch.bfloat16),
+                                                      (torch.bfloat16, torch.float32)])
+def test_packed_linear_takes_another_input_dtype(weight_dtype, input_dtype):
+    """An input of another dtype than the packed weight is computed in the weight's dtype and
+    handed back in the caller's: what nn.Linear gives on the input cast to the weight's dtype."""
+    lin = torch.nn.Linear(96, 80, bias=True).to(weight_dtype)
+    if not PackedLinear.supports(lin):
+        pytest.skip(f"this CPU cannot pack {weight_dtype} weights for oneDNN")
+    packed = PackedLinear(lin)
+    x = torch.randn(3, 5, 96).to(input_dtype)
+    with torch.no_grad():
+        got = packed(x)
+        want = lin(x.to(weight_dtype)).to(input_dtype)
+    assert got.dtype == input_dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA int4 kernel needs a CUDA GPU; none here")
+def test_int4_cuda_packing_and_kernel_equal_the_plain_linear():
+    """On CUDA the 4-bit codes are packed two to a byte (high nibble first) and multiplied by
+    _weight_int4pack_mm: equal to F.linear with the weight rebuilt from the same codes, scales
+    and zeros in fp32, and to the CPU kernel's output for the same layer."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 96, bias=True)  # 576 = 9 x 64: CUDA's 4-tile path, as SmolLM2's
+    n, k, gs = 96, 576, 32
+    w = lin.weight.detach().reshape(n, k // gs, gs)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    codes = ((w - lo) / scale).round().clamp(0, 15)
+    rebuilt = ((codes - 8) * scale.bfloat16().float() + (lo + 8 * scale).bfloat16().float()).reshape(n, k)
+    on_gpu = Int4Linear(copy.deepcopy(lin).cuda(), group_size=gs)
+    on_cpu = Int4Linear(lin, group_size=gs)
+    x = torch.randn(4, k)
+    want = F.linear(x.bfloat16().float(), rebuilt, lin.bias)
+    got = on_gpu(x.cuda()).cpu()
+    tol = 0.01 * want.abs().max().item()
+    assert (got - want).abs().max() <= tol
+    assert (got - on_cpu(x)).abs().max() <= tol
+    torch.testing.assert_close(on_gpu.dequantized().cpu(), rebuilt, rtol=0, atol=1e-2 * rebuilt.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,7 +8,6 @@ real GGUF with gguf.GGUFWriter, read it back with read_gguf and compare.
 import importlib.util
 import os
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -255,19 +254,28 @@ def test_model_metadata_and_shapes(model):
 
 
 def test_model_agrees_with_gguf_reader(model):
-    """Our header parser against gguf's own reader: every field, and a few tensors."""
+    """Our header parser and dequantization against gguf's own reader: every field, and every
+    tensor of the file, which covers each of its types (Q4_1, Q8_0, F32)."""
     reader = gguf.GGUFReader(MODEL)
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     assert fields == model.metadata
-    for t in reader.tensors[:3] + reader.tensors[-3:]:
+    assert len(reader.tensors) == len(model.tensors)
+    for t in reader.tensors:
         want = gguf.quants.dequantize(t.data, t.tensor_type)
-        assert np.array_equal(model.tensors[t.name].numpy(), want)
+        assert np.array_equal(model.tensors[t.name].numpy(), want), (t.name, t.tensor_type.name)
+    assert {t.tensor_type.name for t in reader.tensors} == {"Q4_1", "Q8_0", "F32"}
 
 
-def test_metadata_only_is_fast_and_loads_no_tensors():
-    start = time.perf_counter()
+def test_metadata_only_loads_no_tensors(monkeypatch):
+    """load_tensors=False parses the header and checks the data ranges, and reads no tensor's
+    data (how long that takes is measured in bench/, not here)."""
+    import lmzoo.formats.gguf_file as gguf_file
+
+    def no_tensor_data(*args):
+        raise AssertionError("a tensor's data was read")
+
+    monkeypatch.setattr(gguf_file, "_dequantize", no_tensor_data)
     f = read_gguf(MODEL, load_tensors=False)
-    assert time.perf_counter() - start < 1.5  # ~0.1 s; gguf.GGUFReader takes seconds here
     assert f.tensors == {} and len(f.tensor_types) == 272
     assert f.shapes["token_embd.weight"] == (49152, 576)
 

@@ -114,13 +114,27 @@ def test_causal_mode_never_looks_ahead(name):
         torch.testing.assert_close(hidden(m, y)[0, :t], base[0, :t], atol=0, rtol=0)
 
 
-def test_sparse_patterns_change_the_sparse_layers_only():
+def test_sparse_patterns_change_the_sparse_layers_only(monkeypatch):
+    """GPT-3 alternates dense and sparse layers: with sparse_layers="odd" the middle layer of
+    three attends with the strided pattern, and layers 0 and 2 with plain causal attention (what
+    each layer's attention call is handed, read as the pattern it allows)."""
+    import lmzoo.nn.attention as attention
+
     dense = model("llama")
     sparse = lmzoo.from_config(VARIANTS["strided"]).eval()
     sparse.load_state_dict(dense.state_dict())
     x = torch.randint(0, 53, (1, 20))
     assert not torch.allclose(hidden(dense, x), hidden(sparse, x))
-    assert [b.attn.sparse for b in sparse.blocks] == [False, True, False]
+    seen = []
+    sdpa = attention.sdpa
+    monkeypatch.setattr(attention, "sdpa", lambda q, k, v, mask, is_causal: seen.append((mask, is_causal))
+                        or sdpa(q, k, v, mask, is_causal))
+    hidden(sparse, x)
+    T = x.shape[1]
+    allowed = [reference(T) if mask is None and is_causal else mask.reshape(T, T) for mask, is_causal in seen]
+    assert len(allowed) == 3
+    assert torch.equal(allowed[0], reference(T)) and torch.equal(allowed[2], reference(T))
+    assert torch.equal(allowed[1], reference(T, pattern="strided", block=3))
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

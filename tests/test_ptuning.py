@@ -62,6 +62,27 @@ def test_peft_prefix_loads_in_lmzoo_with_the_same_logits(family, tmp_path):
         torch.testing.assert_close(ours(x), theirs(input_ids=x).logits, atol=1e-5, rtol=0)
 
 
+def test_past_mistrals_window_the_prefix_stays_visible_unlike_peft(tmp_path):
+    """The documented difference, pinned: with a window of 8 and 5 virtual tokens, peft +
+    transformers agree with lmzoo while every virtual token is inside the window (text positions
+    0-2) and differ from position 3 on, where the prefix ages out of their window but stays visible
+    to every lmzoo token."""
+    import peft
+
+    window, n_virtual = 8, 5
+    oracle = tiny_hf_model("mistral", num_key_value_heads=1, sliding_window=window)
+    ours, _ = lmzoo.load(save(oracle, tmp_path / "base"))
+    randomise(add_virtual(ours, PrefixConfig(n_virtual=n_virtual)))
+    save_adapter(ours, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(oracle, tmp_path / "adapter").eval()
+    x = ids(length=20)
+    with torch.no_grad():
+        gap = (ours(x) - theirs(input_ids=x).logits).abs().amax(dim=(0, 2))
+    inside = window - n_virtual
+    assert gap[:inside].max() < 1e-5, gap
+    assert gap[inside:].min() > 1e-2, gap
+
+
 def test_prompt_tuning_matches_peft_both_ways(tmp_path):
     import peft
 

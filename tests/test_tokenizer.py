@@ -342,3 +342,11 @@ def test_from_dir_bad_json(saved_dir, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(LmzooError, match=r"tokenizer_config\.json: expected a JSON object, found list"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_token_types_of_another_length_are_refused(metadata):
+    """A GGUF whose token_type list is shorter than its token list is refused by name: pairing
+    them up would silently drop the tokens past the end of the shorter list."""
+    short = {**metadata, "tokenizer.ggml.token_type": list(metadata["tokenizer.ggml.token_type"])[:-5]}
+    with pytest.raises(LmzooError, match=r"token_type has 49147 entries but tokenizer.ggml.tokens has 49152"):
+        Tokenizer.from_gguf_metadata(short, GGUF_PATH)

@@ -346,10 +346,12 @@ def test_linear_outside_fp32_is_f_linear_itself(monkeypatch, dtype):
         linear_module.linear(torch.randn(2, 23), torch.randn(16, 24))
 
 
+@pytest.mark.skipif(not ONEDNN, reason="this torch has no oneDNN matmul, so there is no fast pass to compare")
 @pytest.mark.parametrize("adapter", ["lora", "full fine-tuning"])
 def test_model_training_step_equals_the_mkl_one(monkeypatch, adapter):
     """A whole tiny model's loss and gradients (LoRA adapters or every weight, the head's chunked
-    loss, the blocks) with oneDNN's products equal those with F.linear everywhere, to fp32 rounding."""
+    loss, the blocks) with oneDNN's products equal those with F.linear everywhere, to fp32 rounding.
+    The fast pass is shown to run on oneDNN (its products counted), the plain one not at all."""
     from tiny import tiny_model
 
     from lmzoo.nn.head_loss import ChunkedHeadCrossEntropy
@@ -369,9 +371,16 @@ def test_model_training_step_equals_the_mkl_one(monkeypatch, adapter):
     monkeypatch.setattr(ChunkedHeadCrossEntropy, "rows", 7)  # several chunks (full fine-tuning)
     monkeypatch.setattr(ChunkedHeadCrossEntropy, "frozen_rows", 7)  # and blocks and slices (LoRA)
     monkeypatch.setattr(ChunkedHeadCrossEntropy, "vocab_slice", 64)
+    calls = []
+    onednn = linear_module.onednn_linear
+    monkeypatch.setattr(linear_module, "onednn_linear", lambda *a: calls.append(a[1].shape) or onednn(*a))
     fast = loss_and_grads()
+    # forward and input gradient of the 7 projections of 2 blocks, at least; the head's too
+    assert len(calls) >= 2 * 7 * 2, len(calls)
+    on_onednn = len(calls)
     monkeypatch.setattr(linear_module, "ONEDNN", False)
     plain = loss_and_grads()
+    assert len(calls) == on_onednn  # the plain pass never touched oneDNN
     assert len(fast) == len(plain) > 20
     for a, b in zip(fast, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
