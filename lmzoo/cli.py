@@ -208,8 +208,7 @@ def cmd_generate(args) -> None:
     tokenizer = _need_tokenizer(tokenizer, args.source)
     text = args.prompt
     if not args.raw and tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
         ids = tokenizer.encode(text)
     _stream_reply(model, tokenizer, ids, {**_sampling(args, tokenizer), "max_new_tokens": args.max_new_tokens})
@@ -237,8 +236,7 @@ def cmd_chat(args) -> None:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        text = tokenizer.apply_chat_template(history, add_generation_prompt=True)
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = tokenizer.encode_chat(history, add_generation_prompt=True)
         sys.stdout.write("assistant> ")
         reply = _stream_reply(model, tokenizer, ids, {**sampling, "max_new_tokens": args.max_new_tokens})
         history.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)})
@@ -295,7 +293,7 @@ def cmd_finetune(args) -> None:
     print(f"data: {result.data}")
     print(f"trainable parameters: {result.trainable:,} of {result.total:,} ({result.trainable_percent:.3f}%)")
     print(f"final loss {result.metrics[-1]['loss']:.4f} after {result.metrics[-1]['step']} steps")
-    print(f"saved {result.saved}\nloss curve {result.loss_png}")
+    print(f"saved {result.saved}" + (f"\nloss curve {result.loss_png}" if result.loss_png else ""))
 
 
 def torch_seed(seed: int) -> None:

@@ -133,3 +133,23 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip() == f"lmzoo: error: {tmp_path}: not a Hugging Face model directory (no config.json in it)"
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("model_type", ["llama", "my_custom_model"])
+def test_remote_code_in_config_json_never_runs(good_dir, tmp_path, model_type):
+    """config.json's auto_map points at Python files in the directory (transformers runs them with
+    trust_remote_code). lmzoo never imports them: a known model_type loads, an unknown one is
+    refused by name, and the file's import-time payload never runs."""
+    sentinel = tmp_path / "code-ran"
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    d = copy_dir(good_dir, tmp_path / "m", edit_config=lambda c: c.update(model_type=model_type, auto_map=auto_map))
+    payload = f"open({str(sentinel)!r}, 'w').close()\n"
+    for name in ("configuration_x.py", "modeling_x.py", "__init__.py"):
+        (tmp_path / "m" / name).write_text(payload)
+    if model_type == "llama":
+        model, _ = lmzoo.load(d)
+        assert model.config.family == "llama"
+    else:
+        with pytest.raises(lmzoo.LmzooError, match="model_type 'my_custom_model' is not supported"):
+            lmzoo.load(d)
+    assert not sentinel.exists()

@@ -97,6 +97,53 @@ def test_resume_continues_exactly(tok, tmp_path):
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+class _Payload:
+    """Unpickling this creates a file: the sentinel that shows code ran."""
+
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        return (open, (self.sentinel, "w"))
+
+
+def test_the_trainer_state_is_no_pickle_and_a_pickle_never_runs(tok, tmp_path):
+    """The checkpoint's optimizer, scheduler and generator states are JSON + safetensors; a
+    trainer.pt payload placed in a checkpoint is refused with one line and never unpickled; a
+    truncated state file is named."""
+    import pickle
+
+    run(tok, tmp_path, "part", 6, save_every=3, stop_after=3)
+    checkpoint = tmp_path / "part" / "checkpoint"
+    assert sorted(f.name for f in checkpoint.iterdir()) == ["state.json", "trainable.safetensors", "trainer.json",
+                                                             "trainer.safetensors"]
+    sentinel = tmp_path / "code-ran"
+    (checkpoint / "trainer.pt").write_bytes(pickle.dumps({"optimizer": _Payload(sentinel)}))
+    with pytest.raises(lmzoo.LmzooError, match="trainer.pt, a pickle .* never unpickles"):
+        run(tok, tmp_path, "part", 6, save_every=3, resume=True)
+    assert not sentinel.exists()
+    (checkpoint / "trainer.pt").unlink()
+    data = (checkpoint / "trainer.safetensors").read_bytes()
+    (checkpoint / "trainer.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(lmzoo.LmzooError, match="trainer.safetensors: cannot read the training state"):
+        run(tok, tmp_path, "part", 6, save_every=3, resume=True)
+
+
+def test_training_state_round_trips_through_json_and_safetensors(tmp_path):
+    from lmzoo.formats.state import read_state, write_state
+
+    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 2)}},
+             "param_groups": [{"betas": (0.9, 0.999), "params": [0], "lr": float("inf"), "name": None}],
+             "rng": (3, tuple(range(5)), None), "__tensor__": "a key that looks like a tag", "flag": True}
+    write_state(state, str(tmp_path / "s"))
+    back = read_state(str(tmp_path / "s"))
+    assert back.keys() == state.keys() and back["rng"] == state["rng"] and back["flag"] is True
+    assert back["param_groups"] == state["param_groups"] and back["__tensor__"] == state["__tensor__"]
+    assert list(back["state"]) == [0] and torch.equal(back["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+    with pytest.raises(lmzoo.LmzooError, match="cannot store a set"):
+        write_state({"x": {1, 2}}, str(tmp_path / "t"))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok, tmp_path, monkeypatch):
     from lmzoo.nn.model import Decoder
 
@@ -153,3 +200,26 @@ def test_packing_fills_rows_and_never_predicts_across_examples(tok):
     first, n = rows[0], len(examples[0].ids)
     assert first.ids[:n] == examples[0].ids and first.ids[n:n + len(examples[1].ids)] == examples[1].ids
     assert first.labels[n] == IGNORE  # the next example's first token is not a target of this one
+
+
+def test_a_run_without_matplotlib_saves_everything_and_exits_0(tmp_path):
+    """matplotlib is optional: without it `lmzoo finetune` trains, saves the adapter and the
+    metrics, notes in one line that the loss curve was skipped, and exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny import date_data, tiny_dir
+
+    blocker = tmp_path / "no-matplotlib"
+    blocker.mkdir()
+    (blocker / "matplotlib.py").write_text("raise ImportError('matplotlib is blocked in this test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "lmzoo", "finetune", "--model", tiny_dir(tmp_path / "model"),
+                        "--data", date_data(tmp_path / "d.jsonl", 8, seed=1), "--out", str(tmp_path / "out"),
+                        "--steps", "2", "--batch-size", "4"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "lmzoo: note: no " in r.stderr and "needs matplotlib" in r.stderr
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "metrics.jsonl").read_text().count("\n") == 2
+    assert not (tmp_path / "out" / "loss.png").exists()

@@ -7,16 +7,12 @@ when BOS is added, which special tokens the chat template sees, and how the temp
 
 import json
 import os
-from datetime import datetime
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
 from ..errors import LmzooError
+from .chat_template import compile_template, render
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Tokens that close a chat turn; generation must stop on them even when the model's eos is another token.
@@ -56,39 +52,6 @@ def _byte_to_char() -> dict[int, str]:
             table[byte] = chr(0x100 + shifted)
             shifted += 1
     return table
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    # Some templates wrap assistant text in {% generation %}; transformers uses it for masks, we just render it.
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller):
-        return caller()
-
-
-def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Jinja's own tojson escapes HTML characters (<, >, &), which would change the prompt.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _compile_template(source: str) -> jinja2.Template:
-    # Same environment as transformers: templates come from the Hub, so they run sandboxed.
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
 
 
 def _read_json(directory: str, name: str) -> dict:
@@ -154,13 +117,69 @@ class Tokenizer:
         self.stop_ids: list[int] = list(dict.fromkeys(int(i) for i in stops if i is not None))
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self._compiled = None
+        self._controls: list[str] | None = None  # the control tokens' texts
+        self._plain_backend = None  # the backend with special-token matching off (encode_plain)
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        # Special tokens written in the text (e.g. "<|im_end|>") become their ids, as in transformers.
+        # Special tokens written in the text (e.g. "<|im_end|>") become their ids, as in transformers:
+        # for text the program wrote. Text from a user or a data file goes through encode_plain.
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_plain(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of `text` read as plain text: "<|im_end|>" written in it is spelled out in ordinary
+        tokens, never the control token, so a user's text cannot end a turn or fake another's."""
+        if not any(s in text for s in self._control_strings()):
+            return self.encode(text, add_special_tokens)  # the same ids, without a second backend
+        if self._plain_backend is None:
+            self._plain_backend = _Backend.from_str(self._backend.to_str())
+            self._plain_backend.encode_special_tokens = True
+        return self._plain_backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True, **extra) -> list[int]:
+        """The chat rendered by its template, as ids. Only the template's own markup becomes control
+        tokens: a control token's text inside a message stays plain text (encode_plain)."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **extra)
+        ids, done = [], 0
+        for start, end in self._control_strings_in_messages(messages, text):
+            ids += self.encode(text[done:start], add_special_tokens=False)
+            ids += self.encode_plain(text[start:end], add_special_tokens=False)
+            done = end
+        return ids + self.encode(text[done:], add_special_tokens=False)
+
+    def _control_strings(self) -> list[str]:
+        if self._controls is None:
+            added = self._backend.get_added_tokens_decoder().values()
+            self._controls = sorted((t.content for t in added if t.special and t.content), key=len, reverse=True)
+        return self._controls
+
+    def _control_strings_in_messages(self, messages, text: str) -> list[tuple[int, int]]:
+        """Spans of `text` where a message's own text spells a control token. Each message's text
+        is found where the template put it, in order; a template that rewrote such a text leaves
+        no way to tell its markup from the message's, and is refused."""
+        controls, spans, cursor = self._control_strings(), [], 0
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            parts = [content] if isinstance(content, str) else \
+                [p.get("text") for p in content or () if isinstance(p, dict) and isinstance(p.get("text"), str)]
+            for part in parts:
+                if not any(c in part for c in controls):
+                    continue
+                at = text.find(part, cursor)
+                if at < 0:
+                    token = next(c for c in controls if c in part)
+                    raise LmzooError(f"message {i} contains the control token {token!r} as text, and the chat "
+                                     "template changes that message's text, so it cannot be kept plain")
+                for c in controls:  # longest first, so "<|im_end|>" is not read as a shorter token inside it
+                    k = part.find(c)
+                    while k >= 0:
+                        if not any(a <= at + k < b for a, b in spans):
+                            spans.append((at + k, at + k + len(c)))
+                        k = part.find(c, k + len(c))
+                cursor = at + len(part)
+        return sorted(spans)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -172,13 +191,13 @@ class Tokenizer:
         if not self.chat_template:
             raise LmzooError("this model has no chat template; pass --raw to feed the prompt text as it is")
         if self._compiled is None:
-            self._compiled = _compile_template(self.chat_template)
+            self._compiled = compile_template(self.chat_template)
         # transformers drops None-valued keys (templates check for presence, not for None).
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         variables = {**self.special_tokens, **extra}  # caller's variables win, as in transformers
         variables.setdefault("tools", None)
         variables.setdefault("documents", None)
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        return render(self._compiled, messages=messages, add_generation_prompt=add_generation_prompt, **variables)
 
     # ------------------------------------------------------------------ loading and saving
 

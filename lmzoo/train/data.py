@@ -91,15 +91,15 @@ def check_record(record) -> None:
 def encode_record(record: dict, tokenizer) -> Example:
     """Token ids and labels: loss on assistant turns (chat) or on every token (text)."""
     if "text" in record and "messages" not in record and "prompt" not in record:
-        ids = tokenizer.encode(record["text"])
+        ids = tokenizer.encode_plain(record["text"])  # a data file's text is text, never control tokens
         if tokenizer.eos_id is not None:
             ids = ids + [tokenizer.eos_id]
         return Example(ids, list(ids))
     messages = record.get("messages") or [{"role": "user", "content": record["prompt"]},
                                           {"role": "assistant", "content": record["response"]}]
     if tokenizer.chat_template is None:  # no template: prompt and response back to back
-        context = tokenizer.encode("".join(m["content"] for m in messages[:-1]))
-        answer = tokenizer.encode(messages[-1]["content"], add_special_tokens=False) + [tokenizer.eos_id]
+        context = tokenizer.encode_plain("".join(m["content"] for m in messages[:-1]))
+        answer = tokenizer.encode_plain(messages[-1]["content"], add_special_tokens=False) + [tokenizer.eos_id]
         return Example(context + answer, [IGNORE] * len(context) + answer, context, messages[-1]["content"])
     ids: list[int] = []
     labels: list[int] = []
@@ -119,8 +119,7 @@ def encode_record(record: dict, tokenizer) -> Example:
 
 
 def _render(tokenizer, messages, generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode_chat(messages, add_generation_prompt=generation_prompt)
 
 
 def load_examples(path: str, tokenizer, max_len: int, *, skip_bad_lines: bool = False,

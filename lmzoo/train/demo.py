@@ -55,7 +55,8 @@ def run(out_dir: str = "out/demo", *, steps: int = 40, n_test: int = 60, seed: i
     show_answers("After fine-tuning:", after_pairs, sentences)
     print(f"\nHeld-out exact match ({len(held_out)} examples): {100 * before:.0f}% before -> {100 * after:.0f}% after")
     print(f"Adapter: {result.saved}  (lmzoo generate \"...\" --adapter {result.saved})")
-    print(f"Loss curve: {result.loss_png}")
+    if result.loss_png:
+        print(f"Loss curve: {result.loss_png}")
     print(f"Total time: {time.perf_counter() - t0:.0f} s")
     return {"before": before, "after": after, "adapter": result.saved, "loss_png": result.loss_png}
 

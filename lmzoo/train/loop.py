@@ -29,9 +29,11 @@ import torch
 
 from ..errors import LmzooError
 from ..formats.atomic import atomic_dir, restore_interrupted
+from ..formats.state import read_state, write_state
 from .data import IGNORE, Example, collate
 
 CHECKPOINT = "checkpoint"
+TRAINER_STATE = "trainer"  # trainer.json + trainer.safetensors: optimizer, scheduler, random generators
 
 
 @dataclass
@@ -248,9 +250,10 @@ class Trainer:
             return
         with atomic_dir(os.path.join(self.out_dir, CHECKPOINT)) as tmp:
             save_file({k: v.cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, "trainable.safetensors"))
-            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "step": self.step,
-                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
-                       os.path.join(tmp, "trainer.pt"))
+            # JSON + safetensors, never a pickle: --resume must not run code from a file (formats.state)
+            write_state({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "step": self.step,
+                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+                        os.path.join(tmp, TRAINER_STATE))
             with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
                 json.dump({"step": self.step, "total_steps": self.total_steps, "config": asdict(self.cfg),
                            "metrics": self.metrics}, f)
@@ -275,7 +278,11 @@ class Trainer:
             with torch.no_grad():
                 for n, t in trainable.items():
                     params[n].copy_(t)
-        saved = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+        if os.path.isfile(os.path.join(path, "trainer.pt")):
+            raise LmzooError(f"{path}: this checkpoint keeps its trainer state in trainer.pt, a pickle (an older "
+                             "lmzoo wrote it); lmzoo never unpickles, since a pickle can run code. "
+                             "Start the run again without --resume")
+        saved = read_state(os.path.join(path, TRAINER_STATE))
         if self.world:
             self.world.load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
         else:

@@ -1,15 +1,22 @@
-"""The loss curve of a run, as a PNG."""
+"""The loss curve of a run, as a PNG.
+
+matplotlib is optional (lmzoo[plot]): without it a finished run skips its picture with a
+one-line note, rather than failing after the adapter and metrics are saved.
+"""
 
 from __future__ import annotations
 
-from ..errors import LmzooError
+import sys
 
 
-def plot_loss(metrics: list[dict], path: str, title: str = "training loss") -> str:
+def plot_loss(metrics: list[dict], path: str, title: str = "training loss") -> str | None:
+    """The PNG's path, or None (with a note on stderr) where matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
-        raise LmzooError("plotting needs matplotlib: pip install 'lmzoo[plot]'") from None
+        print(f"lmzoo: note: no {path}: drawing the loss curve needs matplotlib (pip install 'lmzoo[plot]'); "
+              "the run's adapter and metrics.jsonl are saved", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
