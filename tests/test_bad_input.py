@@ -153,3 +153,34 @@ def test_remote_code_in_config_json_never_runs(good_dir, tmp_path, model_type):
         with pytest.raises(lmzoo.LmzooError, match="model_type 'my_custom_model' is not supported"):
             lmzoo.load(d)
     assert not sentinel.exists()
+
+
+class _Payload:
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):  # unpickling this creates the sentinel file
+        return (open, (self.sentinel, "w"))
+
+
+def test_pickled_weights_are_refused_and_never_unpickled(good_dir, tmp_path):
+    """.bin weights are pickles: a Hugging Face directory or an adapter that has only those is
+    refused by name, and the payload in them never runs."""
+    import pickle
+    import shutil
+
+    sentinel = tmp_path / "code-ran"
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    shutil.copy(os.path.join(good_dir, "config.json"), model_dir / "config.json")
+    (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Payload(sentinel)}))
+    with pytest.raises(lmzoo.LmzooError, match="no model.safetensors .*only safetensors checkpoints"):
+        lmzoo.load(model_dir)
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"w": _Payload(sentinel)}))
+    with pytest.raises(lmzoo.LmzooError, match="no adapter_model.safetensors"):
+        lmzoo.load(good_dir, adapter=adapter)
+    assert not sentinel.exists()

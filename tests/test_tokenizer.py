@@ -383,7 +383,7 @@ def test_missing_merges(metadata):
 def test_from_dir_bad_json(saved_dir, tmp_path):
     shutil.copy(saved_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
-    with pytest.raises(LmzooError, match=r"tokenizer_config\.json: expected a JSON object, found list"):
+    with pytest.raises(LmzooError, match=r"tokenizer_config\.json: must hold a JSON object, not a list"):
         Tokenizer.from_dir(tmp_path)
 
 

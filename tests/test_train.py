@@ -115,16 +115,20 @@ def test_the_trainer_state_is_no_pickle_and_a_pickle_never_runs(tok, tmp_path):
 
     run(tok, tmp_path, "part", 6, save_every=3, stop_after=3)
     checkpoint = tmp_path / "part" / "checkpoint"
-    assert sorted(f.name for f in checkpoint.iterdir()) == ["state.json", "trainable.safetensors", "trainer.json",
-                                                             "trainer.safetensors"]
+    assert sorted(f.name for f in checkpoint.iterdir()) == ["manifest.json", "state.json", "trainable.safetensors",
+                                                             "trainer.json", "trainer.safetensors"]
     sentinel = tmp_path / "code-ran"
     (checkpoint / "trainer.pt").write_bytes(pickle.dumps({"optimizer": _Payload(sentinel)}))
+    from lmzoo.formats.manifest import write_manifest
+
+    write_manifest(str(checkpoint))  # as if the file had been there all along
     with pytest.raises(lmzoo.LmzooError, match="trainer.pt, a pickle .* never unpickles"):
         run(tok, tmp_path, "part", 6, save_every=3, resume=True)
     assert not sentinel.exists()
     (checkpoint / "trainer.pt").unlink()
     data = (checkpoint / "trainer.safetensors").read_bytes()
     (checkpoint / "trainer.safetensors").write_bytes(data[:len(data) // 2])
+    write_manifest(str(checkpoint))  # the manifest agrees, the file itself is cut short
     with pytest.raises(lmzoo.LmzooError, match="trainer.safetensors: cannot read the training state"):
         run(tok, tmp_path, "part", 6, save_every=3, resume=True)
 
@@ -223,3 +227,28 @@ def test_a_run_without_matplotlib_saves_everything_and_exits_0(tmp_path):
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "metrics.jsonl").read_text().count("\n") == 2
     assert not (tmp_path / "out" / "loss.png").exists()
+
+
+DATA_CASES = {  # file bytes -> what the one-line error says (None: it loads)
+    "a bad line names its number": (b'{"text": "ok"}\n{"text": \n', ":2: Expecting value"),
+    "NaN is no JSON number": (b'{"prompt": "1", "response": NaN}\n', ":1: NaN is not a JSON number"),
+    "deep nesting": (b"[" * 100000 + b"]" * 100000 + b"\n", ":1: JSON nested too deeply"),
+    "a BOM first is fine": (b'\xef\xbb\xbf{"text": "a BOM first"}\n', None),
+    "invalid UTF-8": (b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', ":2: not UTF-8 text (byte 10)"),
+    "a record that is no object": (b'42\n', ":1: expected a JSON object per line"),
+    "an empty file": (b"", ": the dataset is empty"),
+    "only blank lines": (b"\n\n  \n", ": the dataset is empty"),
+}
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_bad_data_files_are_one_line_naming_the_line(tok, tmp_path, case):
+    content, message = DATA_CASES[case]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    if message is None:
+        assert load_examples(str(path), tok, 64)
+        return
+    with pytest.raises(lmzoo.LmzooError) as e:
+        load_examples(str(path), tok, 64)
+    assert str(e.value).startswith(str(path) + message) and "\n" not in str(e.value), str(e.value)

@@ -32,6 +32,7 @@ SUPPORTED_TYPES: tuple[str, ...] = (
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 # GGUF metadata value type id -> little-endian struct format (8 = string, 9 = array are handled apart).
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRUCTS = {t: struct.Struct(f) for t, f in _SCALARS.items()}
@@ -96,6 +97,8 @@ class _Cursor:
             return self.unpack(_STRUCTS[vtype], what)
         if vtype == _ARRAY:
             item_type, count = self.unpack(_U32, what), self.unpack(_U64, what)
+            if item_type == _ARRAY:  # as llama.cpp: no arrays of arrays (and no unbounded recursion)
+                raise LmzooError(f"{self.path}: {what} is an array of arrays, which GGUF does not allow")
             if item_type in _STRUCTS:
                 return self.numbers(item_type, count, what)
             if count > len(self.buf):  # each item takes at least one byte: a huge count is corruption
@@ -118,7 +121,7 @@ def _check_magic(path: str) -> int:
     if len(head) < 8:
         raise LmzooError(f"{path}: file is truncated or corrupt: it ends inside the header ({size} bytes)")
     version = int.from_bytes(head[4:8], "little")
-    if version & 0xFFFF == 0:  # a small version number read in the wrong byte order
+    if version and version & 0xFFFF == 0:  # a small version number read in the wrong byte order
         raise LmzooError(f"{path}: big-endian GGUF files are not supported")
     if version not in (2, 3):
         raise LmzooError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
@@ -134,17 +137,36 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFFile
     cur = _Cursor(memoryview(data), path)
     cur.pos = 8
     n_tensors, n_kv = cur.unpack(_U64, "tensor count"), cur.unpack(_U64, "KV count")
+    # Counts are checked against the file's size before any loop runs over them: a KV pair takes at
+    # least 12 bytes (key length, type), a tensor's info at least 24 (name length, n_dims, type, offset).
+    for count, least, what in ((n_kv, 12, "KV count"), (n_tensors, 24, "tensor count")):
+        if count * least > size:
+            raise LmzooError(f"{path}: file is truncated or corrupt: {what} {count} does not fit in its "
+                             f"{size} bytes")
 
     metadata: dict[str, Any] = {}
+    alignment_type = None
     for i in range(n_kv):
         key = cur.string(f"metadata key #{i}")
-        metadata[key] = cur.value(cur.unpack(_U32, f"type of field {key!r}"), f"field {key!r}")
+        if key in metadata:
+            raise LmzooError(f"{path}: metadata key {key!r} appears twice")
+        vtype = cur.unpack(_U32, f"type of field {key!r}")
+        metadata[key] = cur.value(vtype, f"field {key!r}")
+        if key == "general.alignment":
+            alignment_type = vtype
 
     infos = {}  # name -> (qtype, torch-order shape, offset relative to the data section, byte count)
     for i in range(n_tensors):
         name = cur.string(f"name of tensor #{i}")
         what = f"info of tensor {name!r}"
-        dims = cur.numbers(10, cur.unpack(_U32, what), what)  # 10 = uint64
+        n_dims = cur.unpack(_U32, what)
+        if n_dims > _MAX_DIMS:
+            raise LmzooError(f"{path}: tensor {name!r} has {n_dims} dimensions; GGUF allows at most {_MAX_DIMS}")
+        dims = cur.numbers(10, n_dims, what)  # 10 = uint64
+        for d in dims:
+            if d == 0 or d >= 2**63:  # int64 in ggml: the top half of uint64 reads as negative
+                size_text = "a dimension of 0" if d == 0 else f"a negative dimension ({d - 2**64})"
+                raise LmzooError(f"{path}: tensor {name!r} has {size_text}")
         type_id, offset = cur.unpack(_U32, what), cur.unpack(_U64, what)
         try:
             qtype = GGMLQuantizationType(type_id)
@@ -160,9 +182,20 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFFile
         infos[name] = (qtype, tuple(reversed(dims)), offset, n_bytes)
 
     alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if alignment_type not in (None, 4):  # 4 = UINT32, as llama.cpp requires
+        raise LmzooError(f"{path}: field 'general.alignment' must be a UINT32 (GGUF type 4), not type {alignment_type}")
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise LmzooError(f"{path}: field 'general.alignment' is {alignment!r}, expected a power of two")
     data_start = -(-cur.pos // alignment) * alignment
+
+    # As llama.cpp: each tensor starts where the one before it ends, rounded up to the alignment, so
+    # no two overlap, none leaves a gap, and none points elsewhere in the file.
+    expected = 0
+    for name, (_qtype, _shape, offset, n_bytes) in infos.items():
+        if offset != expected:
+            raise LmzooError(f"{path}: tensor {name!r} starts at data offset {offset}, expected {expected} "
+                             "(tensors must follow each other in order, aligned)")
+        expected = -(-(offset + n_bytes) // alignment) * alignment
 
     # Check every data range up front, so a cut-short download fails clearly even without loading.
     for name, (_qtype, _shape, offset, n_bytes) in infos.items():

@@ -83,11 +83,32 @@ def read_json_in(path: str, name: str, kind: str) -> dict:
     file = os.path.join(path, name)
     if not os.path.isfile(file):
         raise LmzooError(f"{path}: not {kind} (no {name} in it)")
+    return read_json_file(file)
+
+
+def read_json_file(file: str) -> dict:
+    """A JSON object from `file`; anything else (bad JSON or UTF-8, NaN, deep nesting, an array)
+    is an LmzooError naming the file."""
     try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
+        with open(file, encoding="utf-8-sig") as f:  # -sig: a leading BOM is allowed, as editors write it
+            data = json.load(f, parse_constant=_no_nan)
+    except OSError as e:
+        raise LmzooError(f"{file}: cannot read: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise LmzooError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise LmzooError(f"{file}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise LmzooError(f"{file}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise LmzooError(f"{file}: {e}") from None
+    if not isinstance(data, dict):
+        raise LmzooError(f"{file}: must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def _no_nan(name: str):
+    raise ValueError(f"{name} is not valid JSON (a number must be finite)")
 
 
 def read_config_json(path: str) -> dict:

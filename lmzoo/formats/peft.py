@@ -181,17 +181,40 @@ def load_adapter(model, path: str) -> str:
     """Attach the adapter in `path` to `model`; returns its kind (peft_type)."""
     config = read_adapter_config(path)
     kind = config.get("peft_type")
-    tensors, recorded_base = read_adapter_tensors(path)
-    check_base(model, recorded_base, path)
-    if kind == "LORA":
-        _load_peft_lora(model, config, tensors, path)
-    elif kind == SLICED:
-        _load_sliced_lora(model, config, tensors, path)
-    elif kind in VIRTUAL_KINDS:
-        _load_virtual(model, config, tensors, recorded_base, path)
-    else:
+    if not isinstance(kind, str) or kind not in ("LORA", SLICED, *VIRTUAL_KINDS):
         raise LmzooError(f"{path}: adapter type {kind!r} is not supported (supported: LORA, {SLICED}, "
                          f"{', '.join(VIRTUAL_KINDS)})")
+    _check_sizes(model, config, kind, path)
+    tensors, recorded_base = read_adapter_tensors(path)
+    check_base(model, recorded_base, path)
+    try:
+        if kind == "LORA":
+            _load_peft_lora(model, config, tensors, path)
+        elif kind == SLICED:
+            _load_sliced_lora(model, config, tensors, path)
+        else:
+            _load_virtual(model, config, tensors, recorded_base, path)
+    except KeyError as e:
+        raise LmzooError(f"{path}: adapter_config.json lacks the field {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type
+        raise LmzooError(f"{path}: adapter_config.json has a field lmzoo cannot read ({type(e).__name__}: {e})") \
+            from None
+    return kind
+
+
+def _check_sizes(model, config: dict, kind: str, path: str) -> None:
+    """The numbers that size what is built, checked before anything is allocated."""
+    c = model.config
+    limits = {"r": (1, max(c.d_model, c.d_ff))} if kind in ("LORA", SLICED) else \
+        {"num_virtual_tokens": (1, c.context_limit - 1)}
+    for key, (low, high) in limits.items():
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise LmzooError(f"{path}: adapter_config.json {key}={value!r} must be a whole number in {low}..{high} "
+                             "for this model")
+    dropout = config.get("lora_dropout", 0.0)
+    if kind in ("LORA", SLICED) and (not isinstance(dropout, (int, float)) or not 0 <= dropout < 1):
+        raise LmzooError(f"{path}: adapter_config.json lora_dropout={dropout!r} must be in [0, 1)")
     return kind
 
 

@@ -18,7 +18,11 @@ for _module in FAMILY_MODULES:
 
 def config_from_hf(hf: dict, source: str) -> tuple[Config, HFFormat]:
     """Recognise the family from config.json and translate its fields."""
+    if not isinstance(hf, dict):
+        raise LmzooError(f"{source}: config.json must hold a JSON object, not a {type(hf).__name__}")
     model_type = hf.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise LmzooError(f"{source}: config.json's model_type must be a string, not {model_type!r}")
     if model_type is None:
         raise LmzooError(f"{source}: config.json has no model_type field")
     if model_type not in FORMATS:
@@ -30,7 +34,12 @@ def config_from_hf(hf: dict, source: str) -> tuple[Config, HFFormat]:
     except KeyError as e:
         raise LmzooError(f"{source}: config.json lacks the field {e.args[0]!r} needed for "
                          f"model_type {model_type!r}") from None
-    return Config(**fields), fmt
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as e:  # a field of the wrong type or value
+        raise LmzooError(f"{source}: config.json has a field lmzoo cannot read ({type(e).__name__}: {e})") from None
+    try:
+        return Config(**fields), fmt
+    except LmzooError as e:
+        raise LmzooError(f"{source}: {e}") from None
 
 
 def format_that_expresses(c: Config) -> HFFormat:

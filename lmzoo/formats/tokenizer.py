@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as _Backend
 
 from ..errors import LmzooError
 from .chat_template import compile_template, render
+from .hf import read_json_file
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Tokens that close a chat turn; generation must stop on them even when the model's eos is another token.
@@ -58,14 +59,7 @@ def _read_json(directory: str, name: str) -> dict:
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise LmzooError(f"{path}: expected a JSON object ({exc})") from exc
-    if not isinstance(data, dict):
-        raise LmzooError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_file(path)
 
 
 class StreamDecoder:
@@ -216,7 +210,10 @@ class Tokenizer:
         special = {}
         for name in _SPECIAL_NAMES:
             value = config.get(name, special_map.get(name))
-            special[name] = value.get("content") if isinstance(value, dict) else value  # AddedToken as a dict
+            value = value.get("content") if isinstance(value, dict) else value  # AddedToken as a dict
+            if value is not None and not isinstance(value, str):
+                raise LmzooError(f"{path}: tokenizer_config.json's {name} must be a token's text, not {value!r}")
+            special[name] = value
 
         # Like transformers, a chat_template.jinja file takes precedence over the config's template.
         template = config.get("chat_template")
@@ -225,7 +222,11 @@ class Tokenizer:
             with open(template_file, encoding="utf-8") as f:
                 template = f.read()
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            template = {t.get("name"): t.get("template") for t in template}.get("default")
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") if isinstance(named.get("default"), str) else None
+        if template is not None and not isinstance(template, str):
+            raise LmzooError(f"{path}: tokenizer_config.json's chat_template must be text, "
+                             f"not {type(template).__name__}")
 
         eos = _read_json(path, "generation_config.json").get("eos_token_id")
         extra_stops = eos if isinstance(eos, list) else [eos]

@@ -43,28 +43,47 @@ class DataReport:
 
 def read_jsonl(path: str, *, skip_bad_lines: bool = False, report: DataReport | None = None) -> list[dict]:
     """Parsed records; a bad line is an error naming path:line, or skipped and counted."""
+    return [record for _, record in _numbered_records(path, skip_bad_lines, report)]
+
+
+def _numbered_records(path: str, skip_bad_lines: bool, report: DataReport | None) -> list[tuple[int, dict]]:
     records = []
     try:
-        f = open(path, encoding="utf-8")  # noqa: SIM115  (closed by the `with f:` below; only opening is guarded)
+        f = open(path, "rb")  # noqa: SIM115  (closed by the `with f:` below; only opening is guarded)
     except OSError as e:
         raise LmzooError(f"{path}: cannot open data file: {e.strerror}") from None
     with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, as some editors write
+                raw = raw[3:]
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(_utf8(raw), parse_constant=_no_constant)
                 check_record(record)
+            except RecursionError:
+                raise LmzooError(f"{path}:{n}: JSON nested too deeply") from None
             except (json.JSONDecodeError, ValueError) as e:
                 if not skip_bad_lines:
                     raise LmzooError(f"{path}:{n}: {e} (use --skip-bad-lines to skip such lines)") from None
                 if report is not None:
                     report.skipped_lines.append(n)
                 continue
-            records.append(record)
+            records.append((n, record))
     if not records:
         raise LmzooError(f"{path}: the dataset is empty (no usable JSONL lines)")
     return records
+
+
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {e.start})") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number (numbers must be finite)")
 
 
 def check_record(record) -> None:
@@ -126,8 +145,14 @@ def load_examples(path: str, tokenizer, max_len: int, *, skip_bad_lines: bool = 
                   too_long: str = "truncate", report: DataReport | None = None) -> list[Example]:
     report = report if report is not None else DataReport()
     examples = []
-    for record in read_jsonl(path, skip_bad_lines=skip_bad_lines, report=report):
-        ex = encode_record(record, tokenizer)
+    for n, record in _numbered_records(path, skip_bad_lines, report):
+        try:
+            ex = encode_record(record, tokenizer)
+        except LmzooError as e:  # the record is well-formed, but the tokenizer or template cannot take it
+            if not skip_bad_lines:
+                raise LmzooError(f"{path}:{n}: {e}") from None
+            report.skipped_lines.append(n)
+            continue
         if len(ex.ids) > max_len:
             if too_long == "refuse":
                 raise LmzooError(f"{path}: an example has {len(ex.ids)} tokens, more than the context of "

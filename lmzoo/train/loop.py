@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -29,10 +30,12 @@ import torch
 
 from ..errors import LmzooError
 from ..formats.atomic import atomic_dir, restore_interrupted
+from ..formats.manifest import verify_manifest, write_manifest
 from ..formats.state import read_state, write_state
 from .data import IGNORE, Example, collate
 
 CHECKPOINT = "checkpoint"
+PREVIOUS = ".previous"  # checkpoint.previous: the generation before, for when the latest is damaged
 TRAINER_STATE = "trainer"  # trainer.json + trainer.safetensors: optimizer, scheduler, random generators
 
 
@@ -248,7 +251,8 @@ class Trainer:
             if self.world:
                 self.world.barrier()
             return
-        with atomic_dir(os.path.join(self.out_dir, CHECKPOINT)) as tmp:
+        path = os.path.join(self.out_dir, CHECKPOINT)
+        with atomic_dir(path, keep_previous=path + PREVIOUS) as tmp:
             save_file({k: v.cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, "trainable.safetensors"))
             # JSON + safetensors, never a pickle: --resume must not run code from a file (formats.state)
             write_state({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "step": self.step,
@@ -257,16 +261,35 @@ class Trainer:
             with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
                 json.dump({"step": self.step, "total_steps": self.total_steps, "config": asdict(self.cfg),
                            "metrics": self.metrics}, f)
+            write_manifest(tmp)  # last: sizes and SHA-256 of all of the above, checked by --resume
         if self.world:
             self.world.barrier()
+
+    def _good_checkpoint(self) -> str:
+        """The latest checkpoint whose files match their manifest; else the one before it, with a
+        note saying why; else an error naming what is wrong with each."""
+        latest = os.path.join(self.out_dir or "", CHECKPOINT)
+        restore_interrupted(latest)
+        problems = []
+        for path in (latest, latest + PREVIOUS):
+            if not os.path.isdir(path):
+                continue
+            try:
+                verify_manifest(path)
+            except LmzooError as e:
+                problems.append(str(e))
+                continue
+            if problems:
+                print(f"lmzoo: note: {problems[0]}; resuming from {path} instead", file=sys.stderr)
+            return path
+        if not problems:
+            raise LmzooError(f"--resume: no checkpoint in {latest}")
+        raise LmzooError(f"--resume: no intact checkpoint: {'; '.join(problems)}")
 
     def load_checkpoint(self) -> None:
         from safetensors.torch import load_file
 
-        path = os.path.join(self.out_dir or "", CHECKPOINT)
-        restore_interrupted(path)
-        if not os.path.isfile(os.path.join(path, "state.json")):
-            raise LmzooError(f"--resume: no checkpoint in {path}")
+        path = self._good_checkpoint()
         trainable = load_file(os.path.join(path, "trainable.safetensors"))
         if self.world:
             self.world.load_full_state(self.model, trainable)
