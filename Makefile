@@ -37,6 +37,7 @@ fuzz: $(STAMP)
 		tests/test_crash.py tests/test_gguf_malformed.py
 
 bench: $(STAMP)
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/bench.py
 
 clean:

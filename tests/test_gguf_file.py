@@ -380,3 +380,19 @@ def test_metadata_value_types(tmp_path):
         assert md[key] == value and type(md[key]) is type(value), key
     assert md["ints"] == [1, -2, 3] and md["floats"] == [0.25, 1.5] and md["bools"] == [True, False]
     assert md["strs"] == ["a", "", "ü"] and md["general.architecture"] == "llama"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_fast_block_dequantizers_equal_gguf_bit_for_bit(qtype):
+    """The fast path for the commonest block types against gguf.quants itself, on random blocks
+    (finite f16 scales): the same float32 operations, the same bits."""
+    from lmzoo.formats.gguf_file import _BLOCK_DEQUANTIZERS
+
+    rng = np.random.default_rng(0)
+    block, size = gguf.GGML_QUANT_SIZES[QT[qtype]]
+    raw = rng.integers(0, 256, (64, 4 * size), dtype=np.uint8)
+    scales = rng.standard_normal((64, 4, 2)).astype(np.float16).view(np.uint8).reshape(64, 4, 4)
+    raw.reshape(64, 4, size)[:, :, :4] = scales  # d (and m) of every block: finite half floats
+    want = gguf.quants.dequantize(raw, QT[qtype])
+    got = _BLOCK_DEQUANTIZERS[qtype](raw).reshape(want.shape)
+    assert np.array_equal(got, want)

@@ -16,6 +16,7 @@ import torch
 from ..config import Config
 from ..errors import LmzooError
 from ..families import PRESETS, preset
+from ..nn.init import no_random_init
 from ..nn.model import Decoder
 from . import gguf as gguf_format
 from . import hf, registry
@@ -94,7 +95,7 @@ def from_config(config: Config, *, dtype=torch.float32, device=None) -> Decoder:
 
 def build(config: Config, state: dict[str, torch.Tensor], source: str, theirs, unknown=()) -> Decoder:
     """A model holding exactly `state` (our names), after checking it against the config."""
-    with torch.device("meta"):
+    with torch.device("meta"), no_random_init():  # every weight comes from `state`
         model = Decoder(config)
     expected = dict(model.state_dict())
     if config.tie_embeddings:

@@ -222,9 +222,45 @@ def _dequantize(buf: np.ndarray, path: str, name: str, qtype: GGMLQuantizationTy
     row_bytes = shape[-1] // block * type_size if shape else type_size
     raw = buf[start:start + n_bytes].reshape(*shape[:-1], row_bytes)
     try:
-        out = dequantize(raw, qtype).astype(np.float32, copy=False).reshape(shape)
+        fast = _BLOCK_DEQUANTIZERS.get(qtype.name)
+        out = (fast(raw) if fast else dequantize(raw, qtype)).astype(np.float32, copy=False).reshape(shape)
     except (ValueError, IndexError, TypeError) as e:  # a malformed block layout, not a user mistake
         raise LmzooError(f"{path}: tensor {name!r} ({qtype.name}) is corrupt: {e}") from None
     if not out.flags.writeable:  # F32 comes back as a view of the read-only memmap: detach it
         out = out.copy()
     return torch.from_numpy(out)
+
+
+# The three commonest block types, dequantized over a structured view of the whole tensor: the
+# same float32 operations as gguf.quants, so the same bits, in ~40% of its time (its per-group
+# splitting copies each block; this start-up cost is what a user waits for).
+_Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
+_Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))])
+_Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Each block's 32 four-bit values: the low nibbles are values 0-15, the high ones 16-31."""
+    q = np.empty((len(qs), 32), np.float32)
+    q[:, :16] = qs & 0x0F
+    q[:, 16:] = qs >> 4
+    return q
+
+
+def _q4_0(raw: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(raw).reshape(-1).view(_Q4_0)
+    return b["d"].astype(np.float32)[:, None] * (_nibbles(b["qs"]) - np.float32(8))
+
+
+def _q4_1(raw: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(raw).reshape(-1).view(_Q4_1)
+    return b["d"].astype(np.float32)[:, None] * _nibbles(b["qs"]) + b["m"].astype(np.float32)[:, None]
+
+
+def _q8_0(raw: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(raw).reshape(-1).view(_Q8_0)
+    return b["qs"].astype(np.float32) * b["d"].astype(np.float32)[:, None]
+
+
+_BLOCK_DEQUANTIZERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0}
+

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import Attention
+from ..nn.init import no_random_init
 from ..nn.linear import Linear, is_plain_linear
 from ..nn.mlp import MLP
 
@@ -17,11 +18,12 @@ from ..nn.mlp import MLP
 def _fused(linears: list[nn.Linear]) -> Linear:
     """One Linear whose output rows are the given layers' outputs, one after the other."""
     first = linears[0]
-    fused = Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
-                   device=first.weight.device, dtype=first.weight.dtype)
-    fused.weight.data = torch.cat([m.weight.detach() for m in linears])
+    with no_random_init():  # the weights are the given layers', set below
+        fused = Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                       device="meta", dtype=first.weight.dtype)
+    fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]))
     if first.bias is not None:
-        fused.bias.data = torch.cat([m.bias.detach() for m in linears])
+        fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]))
     return fused
 
 

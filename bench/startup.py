@@ -1,0 +1,80 @@
+"""Start-up, as a user waits for it: a fresh process from launch to its first generated token.
+
+    python bench/startup.py [--runs 5] [--prompt "What is the capital of France?"]
+
+Each engine runs as a fresh process (lmzoo: `lmzoo generate`, streamed; llama.cpp through
+llama-cpp-python on the same GGUF, when installed), alternating, and the clock stops at the
+first byte of the answer on its stdout. Peak RSS is the process's own (ru_maxrss of the child).
+Prints medians (and min-max) over the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+LLAMA_CPP = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads={threads}, verbose=False)
+for part in llm.create_chat_completion(messages=[{{"role": "user", "content": sys.argv[2]}}], max_tokens=16,
+                                       temperature=0.0, stream=True):
+    text = part["choices"][0]["delta"].get("content")
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+"""
+
+
+def first_token_seconds(command: list[str]) -> tuple[float, float, float]:
+    """(seconds to the first byte of stdout, seconds to exit, peak RSS in MB) of one fresh process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    first = proc.stdout.read(1)
+    ttft = time.perf_counter() - start
+    proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource use
+    total = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not first:
+        raise SystemExit(f"{command[:3]} failed (exit {proc.returncode})")
+    return ttft, total, usage.ru_maxrss / 1024  # KB on Linux
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--prompt", default="What is the capital of France?")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+
+    import importlib.util
+
+    import lmzoo
+
+    gguf = lmzoo.default_model_path()
+    engines = {"lmzoo": [sys.executable, "-m", "lmzoo", "generate", args.prompt, "--max-new-tokens", "16"]}
+    if importlib.util.find_spec("llama_cpp") is not None:
+        engines["llama.cpp"] = [sys.executable, "-c", LLAMA_CPP.format(threads=args.threads), gguf, args.prompt]
+    else:
+        print("llama-cpp-python is not installed: lmzoo alone (pip install -e .[bench])")
+    runs = {name: [] for name in engines}
+    for command in engines.values():  # a warm-up each: the page cache holds the files afterwards
+        first_token_seconds(command)
+    for i in range(args.runs):
+        for name in (list(engines) if i % 2 == 0 else list(engines)[::-1]):
+            runs[name].append(first_token_seconds(engines[name]))
+    print(f"{'engine':<11}{'first token s':>22}{'whole run s':>22}{'peak RSS MB':>14}   ({args.runs} fresh processes, "
+          "median [min-max])")
+    for name, rows in runs.items():
+        cols = list(zip(*rows, strict=True))
+        cells = [f"{statistics.median(c):.2f} [{min(c):.2f}-{max(c):.2f}]" for c in cols[:2]]
+        print(f"{name:<11}{cells[0]:>22}{cells[1]:>22}{statistics.median(cols[2]):>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
