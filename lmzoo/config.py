@@ -103,6 +103,8 @@ class Config:
     """Past max_seq_len, queries are scaled by log(position)/log(max_seq_len) to keep attention sharp (Qwen1)."""
     sliding_window: int | None = None
     """Each token attends only to the last `sliding_window` positions, itself included (Mistral)."""
+    sliding_window_from: int = 0
+    """The first layer with the sliding window; the layers before it see every position (Qwen2's max_window_layers)."""
     lm_type: str = "causal"
     """'causal': each token sees only earlier ones; 'prefix': the prompt sees itself both ways."""
     span_start_token: bool = False
@@ -155,6 +157,10 @@ class Config:
     def rope_dims(self) -> int:
         """Number of dims per head that rotate (always even)."""
         return int(self.head_size * self.rope_fraction) // 2 * 2
+
+    def is_window_layer(self, layer: int) -> bool:
+        """Whether `layer` attends through sliding_window (the others see every position)."""
+        return self.sliding_window is not None and layer >= self.sliding_window_from
 
     def is_sparse_layer(self, layer: int) -> bool:
         """Whether `layer` uses attention_pattern (the others are dense)."""
@@ -210,7 +216,7 @@ def _check_types(c: Config) -> None:
     for name in _POSITIVE_FLOATS:
         if getattr(c, name) <= 0:
             raise LmzooError(f"Config.{name}={getattr(c, name)} must be > 0")
-    for name in ("norm_eps", "init_std", "n_experts"):
+    for name in ("norm_eps", "init_std", "n_experts", "sliding_window_from"):
         if getattr(c, name) < 0:
             raise LmzooError(f"Config.{name}={getattr(c, name)} must be >= 0")
 

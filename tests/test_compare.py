@@ -216,10 +216,12 @@ def test_unknown_preset_suggests_close_names(capsys):
 
 
 def test_architecture_lmzoo_cannot_express_names_the_field(published, tmp_path, capsys):
-    windows = write_config(tmp_path / "q", {**PUBLISHED["qwen2-7b"], "use_sliding_window": True})
+    alternating = ["sliding_attention" if i % 2 else "full_attention" for i in range(28)]
+    windows = write_config(tmp_path / "q", {**PUBLISHED["qwen2-7b"], "use_sliding_window": True, "sliding_window": 4096,
+                                            "max_window_layers": 2, "layer_types": alternating})
     code, _, err = run_cli(capsys, "diff", published["llama2-7b"], windows)
     assert code == 1
-    assert "use_sliding_window=true (Qwen2's per-layer windows) is not implemented" in err
+    assert "do not follow max_window_layers=2: lmzoo windows every layer from one index on" in err
     yarn = write_config(tmp_path / "y", {**PUBLISHED["llama2-7b"], "rope_scaling": {"rope_type": "yarn", "factor": 4}})
     assert run_cli(capsys, "diff", "llama2-7b", yarn)[2].strip().endswith(
         "rope_type 'yarn' is not implemented; lmzoo supports default, linear, llama3 and dynamic")

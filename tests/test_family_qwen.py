@@ -431,3 +431,31 @@ def test_configs_qwen_cannot_say_are_refused_on_save(tmp_path):
     with pytest.raises(lmzoo.LmzooError, match="no Hugging Face format can express this qwen config"):
         lmzoo.save_hf_dir(lmzoo.from_config(gqa), tmp_path / "gqa")
     assert not (tmp_path / "gqa").exists()
+
+
+def test_qwen2_sliding_window_on_the_upper_layers_matches_transformers(tmp_path):
+    """Qwen2's use_sliding_window: layers from max_window_layers on attend through the window,
+    the ones below see everything (sliding_window_from). Logits equal transformers' past the
+    window, the config round-trips, and layer 0 really is unwindowed: with every layer windowed
+    the logits move by far more than the tolerance."""
+    from hf_oracle import assert_round_trip_through_transformers, ids, save, tiny_hf_model
+
+    oracle = tiny_hf_model("qwen2", num_key_value_heads=2, use_sliding_window=True, sliding_window=5,
+                           max_window_layers=1)
+    ours, _ = lmzoo.load(save(oracle, tmp_path / "ckpt"))
+    assert (ours.config.sliding_window, ours.config.sliding_window_from) == (5, 1)
+    assert [ours.config.is_window_layer(i) for i in range(2)] == [False, True]
+    x = ids(length=24)
+    with torch.no_grad():
+        expected = oracle(x).logits
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=0)
+        every = lmzoo.from_config(ours.config.replace(sliding_window_from=0)).eval()
+        every.load_state_dict(ours.state_dict())
+        assert (every(x) - expected).abs().max() > 0.1
+    assert_round_trip_through_transformers(oracle, tmp_path / "rt", length=24)
+    generated = ours.generate([x[0, :10].tolist()], max_new_tokens=8)[0]
+    with torch.no_grad():
+        seq = x[0, :10].tolist()
+        for _ in range(8):
+            seq.append(int(ours(torch.tensor([seq]))[0, -1].argmax()))
+    assert generated == seq  # the cached decode past the window equals the full forward

@@ -49,11 +49,21 @@ def write_mistral_config(c: Config) -> dict:
     return out
 
 
+QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config default
+
+
 def read_qwen2_config(hf: dict, source: str = "config.json") -> dict:
-    if hf.get("use_sliding_window"):
-        raise LmzooError(f"{source}: use_sliding_window=true (Qwen2's per-layer windows) is not implemented")
     out = read_llama_config(hf, source)
     out.update(family="qwen2", qkv_bias=True, o_bias=False, mlp_bias=False)
+    if hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
+        # As transformers: layers from max_window_layers on attend through the window.
+        first = hf.get("max_window_layers", QWEN2_MAX_WINDOW_LAYERS)
+        out.update(sliding_window=hf["sliding_window"], sliding_window_from=first)
+        types = hf.get("layer_types")
+        n = out["n_layers"]
+        if types is not None and types != ["sliding_attention" if i >= first else "full_attention" for i in range(n)]:
+            raise LmzooError(f"{source}: layer_types {types!r} do not follow max_window_layers={first}: lmzoo "
+                             "windows every layer from one index on")
     return out
 
 
@@ -62,7 +72,9 @@ def write_qwen2_config(c: Config) -> dict:
         raise LmzooError("qwen2 has q/k/v biases and no others")
     out = write_llama_config(c.replace(o_bias=True))
     del out["attention_bias"], out["mlp_bias"]
-    out["use_sliding_window"] = False
+    out["use_sliding_window"] = c.sliding_window is not None
+    if c.sliding_window is not None:
+        out.update(sliding_window=c.sliding_window, max_window_layers=c.sliding_window_from)
     return out
 
 

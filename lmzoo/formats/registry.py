@@ -67,6 +67,8 @@ def _comparable(c: Config) -> dict:
     for k in ("family", "init_std", "scaled_residual_init"):
         d.pop(k)
     d.update(head_dim=c.head_size, n_kv_heads=c.kv_heads)  # None means the derived value
+    if c.sliding_window is None:  # nor does the first windowed layer without a window
+        d.pop("sliding_window_from")
     if c.attention_pattern == "dense":  # the sparse knobs mean nothing without a sparse pattern
         for k in ("sparse_block", "sparse_summary", "sparse_layers"):
             d.pop(k)

@@ -23,8 +23,7 @@ class Step:
 
     rope: list | None  # rotary [(C, S)] tables, each [B, T, 1, rd] (lmzoo.nn.rope); None for learned positions
     query_scale: torch.Tensor | None  # [B, 1, T, 1] multiplier of the queries (logn attention), or None
-    dense: tuple  # (mask, is_causal) of dense layers: mask boolean [B|1, 1, Tq, Tk] or None
-    sparse: tuple | None  # the same for layers with a sparse pattern (GPT-3)
+    masks: dict  # (sparse, windowed) -> (mask, is_causal): mask boolean [B|1, 1, Tq, Tk] or None, per kind of layer
     cache: KVCache | None
     prefix_kv: list | None = None  # P-tuning v2 without a cache: per layer (k, v) [B, Hkv, P, D]
 
@@ -32,7 +31,8 @@ class Step:
 class Attention(nn.Module):
     def __init__(self, c: Config, layer: int = 0):
         super().__init__()
-        self.sparse = c.is_sparse_layer(layer)
+        # Which masks this layer takes: GPT-3's sparse pattern or not, a sliding window or not.
+        self.sparse, self.windowed = c.is_sparse_layer(layer), c.is_window_layer(layer)
         self.n_heads, self.n_kv, self.hd = c.n_heads, c.kv_heads, c.head_size
         self.rope_pairing = c.rope_pairing if c.positions.startswith("rope") else None
         q_out, kv_out = self.n_heads * self.hd, self.n_kv * self.hd
@@ -72,7 +72,7 @@ class Attention(nn.Module):
         elif step.prefix_kv is not None:  # virtual keys are stored unrotated, in front
             pk, pv = step.prefix_kv[layer]
             k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
-        mask, is_causal = step.sparse if self.sparse else step.dense
+        mask, is_causal = step.masks[self.sparse, self.windowed]
         y = sdpa(q, k, v, mask, is_causal)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 

@@ -234,8 +234,8 @@ class Decoder(nn.Module):
         if c.logn_attention:
             query_scale = logn_scale(position_ids if position_ids.dim() == 2 else position_ids[0], c.max_seq_len)
 
-        dense, sparse = self._masks(start, T, key_valid, prefix_len, x.device, B, n_prefix)
-        step = Step(rope=rope, query_scale=query_scale, dense=dense, sparse=sparse, cache=cache, prefix_kv=prefix_kv)
+        masks = self._masks(start, T, key_valid, prefix_len, x.device, B, n_prefix)
+        step = Step(rope=rope, query_scale=query_scale, masks=masks, cache=cache, prefix_kv=prefix_kv)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, step, i, use_reentrant=False)
@@ -304,8 +304,8 @@ class Decoder(nn.Module):
         return torch.stack([positions, block])
 
     def _masks(self, start, T, key_valid, prefix_len, device, B, n_virtual=0):
-        """(mask, is_causal) for dense layers and for sparse ones; masks are shared by all layers
-        of a kind, and mask=None with is_causal says SDPA's own causal mask does the job."""
+        """(mask, is_causal) for each kind of layer, keyed (sparse, windowed); masks are shared by
+        all layers of a kind, and mask=None with is_causal says SDPA's own causal mask does the job."""
         c = self.config
         prefix_end = None
         if prefix_len is not None:
@@ -317,8 +317,7 @@ class Decoder(nn.Module):
             prefix_end = prefix_end_slots(prefix_len, key_valid, T)
         q_slots = torch.arange(start, start + T, device=device)
 
-        def mask_for(pattern: str):
-            window = c.sliding_window
+        def mask_for(pattern: str, window: int | None):
             unmasked = window is None or start + T <= window
             if pattern == "dense" and key_valid is None and prefix_end is None and unmasked and not n_virtual:
                 if start == 0:
@@ -329,9 +328,10 @@ class Decoder(nn.Module):
                               summary=c.sparse_summary, prefix_end=prefix_end, key_valid=key_valid,
                               n_virtual=n_virtual), False
 
-        dense = mask_for("dense") if not all(map(c.is_sparse_layer, range(c.n_layers))) else None
-        sparse = mask_for(c.attention_pattern) if c.attention_pattern != "dense" else None
-        return dense, sparse
+        kinds = {(c.is_sparse_layer(i), c.is_window_layer(i)) for i in range(c.n_layers)}
+        return {(sparse, windowed): mask_for(c.attention_pattern if sparse else "dense",
+                                             c.sliding_window if windowed else None)
+                for sparse, windowed in kinds}
 
     # ------------------------------------------------------------------ conveniences
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:

@@ -175,17 +175,18 @@ def parameters(c: Config) -> tuple[int, int]:
     return c.n_layers * total_layer + outside, c.n_layers * active_layer + outside
 
 
-def keys_seen(c: Config, context: int) -> tuple[int, int]:
-    """How many keys the last token of a `context`-long sequence attends to in a dense layer and
-    in a sparse one, counted from the model's own mask builder (sliding windows and GPT-3's
-    sparse patterns included)."""
+def keys_seen(c: Config, context: int) -> int:
+    """How many keys the last token of a `context`-long sequence attends to, summed over the
+    layers, counted from the model's own mask builder (sliding windows, where the layer has one,
+    and GPT-3's sparse patterns included)."""
     last = torch.tensor([context - 1])
 
-    def count(pattern: str) -> int:
-        return int(build_mask(last, context, window=c.sliding_window, pattern=pattern, block=c.sparse_block,
+    def count(pattern: str, window: int | None) -> int:
+        return int(build_mask(last, context, window=window, pattern=pattern, block=c.sparse_block,
                               summary=c.sparse_summary).sum())
 
-    return count("dense"), count(c.attention_pattern) if c.attention_pattern != "dense" else 0
+    return sum(count(c.attention_pattern if c.is_sparse_layer(i) else "dense",
+                     c.sliding_window if c.is_window_layer(i) else None) for i in range(c.n_layers))
 
 
 def flops_per_token(c: Config, context: int = FLOPS_CONTEXT) -> int:
@@ -197,10 +198,7 @@ def flops_per_token(c: Config, context: int = FLOPS_CONTEXT) -> int:
     used = c.experts_per_token if c.n_experts else 1
     weights = c.n_layers * (_attention_weights(c) + used * _mlp_weights(c) + c.d_model * c.n_experts)
     weights += c.d_model * c.vocab_size
-    dense, sparse = keys_seen(c, context)
-    n_sparse = sum(map(c.is_sparse_layer, range(c.n_layers)))
-    keys = (c.n_layers - n_sparse) * dense + n_sparse * sparse
-    return 2 * weights + 2 * 2 * c.n_heads * c.head_size * keys
+    return 2 * weights + 2 * 2 * c.n_heads * c.head_size * keys_seen(c, context)
 
 
 def kv_cache_bytes_per_token(c: Config, bytes_per_value: int = 2) -> int:
@@ -330,7 +328,8 @@ def describe_positions(c: Config) -> str:
 def describe_attention(c: Config) -> str:
     parts = ["dense"]
     if c.sliding_window is not None:
-        parts = [f"sliding window {c.sliding_window}"]
+        parts = [f"sliding window {c.sliding_window}"
+                 + (f" (layers {c.sliding_window_from}+)" if c.sliding_window_from else "")]
     if c.attention_pattern != "dense":
         layers = "all" if c.sparse_layers == "all" else f"{c.sparse_layers} layers"
         parts = [f"{parts[0]} + {c.attention_pattern} {c.sparse_block} ({layers})"]
