@@ -27,8 +27,8 @@ POSITIONS = frozenset({"positions", "max_seq_len", "max_context", *ROPE_FIELDS})
 NORM = frozenset({"norm", "norm_eps", "norm_bias"})
 BLOCK_NORM = NORM | {"norm_position"}
 QKV = frozenset({"n_heads", "n_kv_heads", "head_dim", "fused_qkv", "qkv_bias"})
-ATTENTION = frozenset({"lm_type", "span_start_token", "sliding_window", "attention_pattern", "sparse_block",
-                       "sparse_summary", "sparse_layers", "logn_attention"})
+ATTENTION = frozenset({"lm_type", "span_start_token", "sliding_window", "sliding_window_from", "attention_pattern",
+                       "sparse_block", "sparse_summary", "sparse_layers", "logn_attention"})
 OUT = frozenset({"o_bias", "scaled_residual_init"})
 ADD = frozenset({"norm_position", "residual_scale", "post_sublayer_norm"})
 POST_NORM = NORM | {"post_sublayer_norm"}
@@ -118,7 +118,8 @@ def _attention(c: Config) -> Item:
     else:
         title, parts = "Causal self-attention", ["each token sees the tokens before it"]
     if c.sliding_window is not None:
-        parts.append(f"only the last {c.sliding_window:,}")
+        parts.append(f"only the last {c.sliding_window:,}"
+                     + (f" (layers {c.sliding_window_from}+)" if c.sliding_window_from else ""))
     if c.attention_pattern != "dense":
         parts.append(f"{c.sparse_layers} layers sparse: {c.attention_pattern}, block {c.sparse_block}"
                      + (f", {c.sparse_summary} summary" if c.attention_pattern == "fixed" else ""))
