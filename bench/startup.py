@@ -17,16 +17,23 @@ import subprocess
 import sys
 import time
 
+# The same chat prompt lmzoo's template renders for SmolLM2 (its default system turn included),
+# then greedy steps written out as bench/llamacpp.py does: argmax of the last logits, eval it.
 LLAMA_CPP = """
 import sys
+import numpy as np
 from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads={threads}, verbose=False)
-for part in llm.create_chat_completion(messages=[{{"role": "user", "content": sys.argv[2]}}], max_tokens=16,
-                                       temperature=0.0, stream=True):
-    text = part["choices"][0]["delta"].get("content")
-    if text:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads={threads}, n_threads_batch={threads}, verbose=False)
+text = ("<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n"
+        "<|im_start|>user\\n" + sys.argv[2] + "<|im_end|>\\n<|im_start|>assistant\\n")
+llm.eval(llm.tokenize(text.encode(), add_bos=False, special=True))
+for _ in range(16):
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    if token == llm.token_eos():
+        break
+    sys.stdout.write(llm.detokenize([token]).decode(errors="replace"))
+    sys.stdout.flush()
+    llm.eval([token])
 """
 
 
@@ -41,7 +48,7 @@ def first_token_seconds(command: list[str]) -> tuple[float, float, float]:
     total = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0 or not first:
-        raise SystemExit(f"{command[:3]} failed (exit {proc.returncode})")
+        raise RuntimeError(f"the process failed (exit status {proc.returncode})")
     return ttft, total, usage.ru_maxrss / 1024  # KB on Linux
 
 
@@ -62,9 +69,13 @@ def main() -> None:
         engines["llama.cpp"] = [sys.executable, "-c", LLAMA_CPP.format(threads=args.threads), gguf, args.prompt]
     else:
         print("llama-cpp-python is not installed: lmzoo alone (pip install -e .[bench])")
+    for name, command in list(engines.items()):  # a warm-up each: the page cache holds the files afterwards
+        try:
+            first_token_seconds(command)
+        except RuntimeError as e:
+            print(f"{name}: left out: {e}")
+            del engines[name]
     runs = {name: [] for name in engines}
-    for command in engines.values():  # a warm-up each: the page cache holds the files afterwards
-        first_token_seconds(command)
     for i in range(args.runs):
         for name in (list(engines) if i % 2 == 0 else list(engines)[::-1]):
             runs[name].append(first_token_seconds(engines[name]))
