@@ -184,3 +184,15 @@ def test_pickled_weights_are_refused_and_never_unpickled(good_dir, tmp_path):
     with pytest.raises(lmzoo.LmzooError, match="no adapter_model.safetensors"):
         lmzoo.load(good_dir, adapter=adapter)
     assert not sentinel.exists()
+
+
+def test_a_preset_too_large_for_memory_is_refused_in_one_line(monkeypatch):
+    """A random preset is built in fp32: one that would not fit in the memory available now is an
+    LmzooError naming its size, not an out-of-memory kill (llama2-7b needs ~25 GiB)."""
+    from lmzoo.formats import checkpoint
+
+    monkeypatch.setattr(checkpoint, "available_memory_bytes", lambda: 2**30)  # 1 GiB free
+    with pytest.raises(lmzoo.LmzooError, match=r"random llama model of 6\.74B parameters needs 25\.1 GiB in fp32, "
+                                               r"more than the 1\.0 GiB available"):
+        lmzoo.load("llama2-7b")
+    assert lmzoo.load("gpt2")[0].num_parameters() > 0  # 124M: 0.46 GiB fits

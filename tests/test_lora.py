@@ -205,6 +205,21 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         load_adapter(tiny(d_model=96, n_heads=6), tmp_path / "a")
 
 
+def test_an_adapter_naming_a_module_the_model_lacks_names_the_directory(tmp_path):
+    """Found by the fuzzing: one byte changed in a tensor name ("model." -> "lodel.") gave an
+    error that named the module but not the adapter's directory."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny()
+    add_lora(model, LoraConfig(r=2, targets=("q",)))
+    save_adapter(model, tmp_path / "a")
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({k.replace(".model.layers.1.", ".lodel.layers.1."): v for k, v in load_file(f).items()}, f)
+    with pytest.raises(lmzoo.LmzooError, match=f"^{tmp_path / 'a'}: adapter module lodel.layers.1.self_attn.q_proj "
+                                               "does not exist in this llama model"):
+        load_adapter(tiny(), tmp_path / "a")
+
+
 def test_merge_cli_writes_a_standalone_directory(tmp_path):
     import subprocess
     import sys

@@ -88,9 +88,38 @@ def _load_base(source, *, dtype=None, device=None):
 
 def from_config(config: Config, *, dtype=torch.float32, device=None) -> Decoder:
     """A randomly initialised model (device='meta' builds it without memory, for counting)."""
+    if torch.device(device or "cpu").type == "cpu":
+        _check_fits_in_memory(config)
     with torch.device(device or "cpu"):
         model = Decoder(config)
     return model.to(dtype=dtype)
+
+
+def _check_fits_in_memory(config: Config) -> None:
+    """Refuse, in one line, a random model whose fp32 weights (how it is initialised) would not
+    fit in the memory available now: `lmzoo.load("llama2-7b")` would otherwise need ~27 GB and
+    end in the kernel's out-of-memory kill rather than an error."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    with torch.device("meta"), no_random_init():
+        n = sum(p.numel() for p in Decoder(config).parameters())
+    if 4 * n > available:
+        raise LmzooError(f"a random {config.family} model of {n / 1e9:.2f}B parameters needs {4 * n / 2**30:.1f} GiB "
+                         f"in fp32, more than the {available / 2**30:.1f} GiB available; use a smaller preset, or "
+                         "shrink it with Config.replace (n_layers, d_model, ...)")
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def build(config: Config, state: dict[str, torch.Tensor], source: str, theirs, unknown=()) -> Decoder:

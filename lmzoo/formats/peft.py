@@ -79,11 +79,11 @@ def their_module(model, ours: str):
     return name.removesuffix(".weight"), transform
 
 
-def our_module(model, theirs: str) -> str:
+def our_module(model, theirs: str, path: str) -> str:
     fmt = format_that_expresses(model.config)
     name, _ = fmt.names.ours(theirs + ".weight")
     if name is None:
-        raise LmzooError(f"adapter module {theirs} does not exist in this {fmt.model_type} model "
+        raise LmzooError(f"{path}: adapter module {theirs} does not exist in this {fmt.model_type} model "
                          "(an adapter made for another base model?)")
     return name.removesuffix(".weight")
 
@@ -268,7 +268,7 @@ def _load_peft_lora(model, config, tensors, path):
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise LmzooError(f"{path}: unexpected tensor {key} in a LoRA adapter")
         their_path, part = key[len(PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        weights.setdefault(our_module(model, their_path), {})[part] = (t, their_path)
+        weights.setdefault(our_module(model, their_path, path), {})[part] = (t, their_path)
     targets = {name.rsplit(".", 1)[-1] for name in weights}
     add_lora(model, _lora_config(config, targets, path))
     for ours, parts in weights.items():
