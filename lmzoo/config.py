@@ -234,14 +234,10 @@ def _check(c: Config) -> None:
             raise LmzooError(f"Config.{name}={getattr(c, name)!r} is not one of {list(allowed)}")
     if c.n_heads % c.kv_heads:
         raise LmzooError(f"Config.n_heads={c.n_heads} must be a multiple of n_kv_heads={c.kv_heads}")
-    if c.sliding_window is not None and c.sliding_window < 1:
-        raise LmzooError(f"Config.sliding_window={c.sliding_window} must be >= 1 (or None)")
     if c.n_experts and not 0 < c.experts_per_token <= c.n_experts:
         raise LmzooError(f"Config.experts_per_token={c.experts_per_token} must be in 1..n_experts={c.n_experts}")
     if c.positions == "rope_2d" and c.rope_fraction != 0.5:
         raise LmzooError("Config.positions='rope_2d' rotates two halves of each head: set rope_fraction=0.5")
-    if c.sparse_block < 1:
-        raise LmzooError(f"Config.sparse_block={c.sparse_block} must be >= 1")
     if c.attention_pattern == "fixed" and not 0 < c.sparse_summary <= c.sparse_block:
         raise LmzooError(f"Config.sparse_summary={c.sparse_summary} must be in 1..sparse_block={c.sparse_block}")
     if not 0.0 < c.rope_fraction <= 1.0:

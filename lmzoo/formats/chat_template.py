@@ -3,7 +3,7 @@ as code from a stranger.
 
 The template runs in Jinja's immutable sandbox (no attribute escapes such as
 `cycler.__init__.__globals__`, no mutation), and on top of it:
-- `"A" * 10**9`, `10 ** 10**9` and string methods asked for a giant result are refused before
+- `"A" * 10**9`, `10 ** (10**9)` and string methods asked for a giant result are refused before
   they allocate;
 - the render stops after RENDER_SECONDS, whatever loop it is in;
 - the output is cut off at MAX_OUTPUT_CHARS.

@@ -14,7 +14,8 @@ _INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "
 def no_random_init():
     """Inside, torch.nn.init's initialisers leave tensors as they are. For modules built on the
     meta device to receive a checkpoint's tensors: their init computes nothing there, yet its
-    first call imports torch._dynamo (~0.9 s of every cold start, measured)."""
+    first call imports torch._dynamo (~0.9 s of every cold start, measured). The initialisers are
+    replaced process-wide while inside: build models one thread at a time."""
     saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
     for name in _INITIALISERS:
         setattr(torch.nn.init, name, _unchanged)
