@@ -125,6 +125,7 @@ def test_sparse_patterns_change_the_sparse_layers_only(monkeypatch):
     sparse.load_state_dict(dense.state_dict())
     x = torch.randint(0, 53, (1, 20))
     assert not torch.allclose(hidden(dense, x), hidden(sparse, x))
+    sparse.local_attention = False  # the masked path, whose masks this reads (local_attention is tested against it)
     seen = []
     sdpa = attention.sdpa
     monkeypatch.setattr(attention, "sdpa", lambda q, k, v, mask, is_causal: seen.append((mask, is_causal))

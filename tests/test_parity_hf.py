@@ -1,10 +1,13 @@
 """Every supported HF model_type, loaded through the production loader, matches transformers."""
 
+import dataclasses
+
 import pytest
 import torch
 from hf_oracle import assert_round_trip_through_transformers, ids, save, tiny_hf_model
 
 import lmzoo
+from lmzoo.nn.masks import Visibility
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -48,20 +51,20 @@ def test_a_one_position_defect_fails_parity_by_a_wide_margin(defect, tmp_path, m
 
     oracle = tiny_hf_model("mistral", num_key_value_heads=2, sliding_window=7)
     ours, _ = lmzoo.load(save(oracle, tmp_path / "ckpt"))
-    rope_tables, build_mask = model_module.rope_tables, model_module.build_mask
+    rope_tables, visible = model_module.rope_tables, Visibility.__call__
 
     def shifted_rope(c, positions, **kw):
         positions = positions.clone()
         positions[..., positions.shape[-1] // 2:] += 1
         return rope_tables(c, positions, **kw)
 
-    def wider_window(*args, window=None, **kw):
-        return build_mask(*args, window=None if window is None else window + 1, **kw)
+    def wider_window(self, q, k):  # every path reads its masks from Visibility: masked, local and ring
+        return visible(dataclasses.replace(self, window=self.window + 1) if self.window else self, q, k)
 
     if defect == "rotary position":
         monkeypatch.setattr(model_module, "rope_tables", shifted_rope)
     else:
-        monkeypatch.setattr(model_module, "build_mask", wider_window)
+        monkeypatch.setattr(Visibility, "__call__", wider_window)
     x = ids(length=40)
     with torch.no_grad():
         assert (ours(x) - oracle(x).logits).abs().max() > 0.5

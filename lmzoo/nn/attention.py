@@ -23,7 +23,9 @@ class Step:
 
     rope: list | None  # rotary [(C, S)] tables, each [B, T, 1, rd] (lmzoo.nn.rope); None for learned positions
     query_scale: torch.Tensor | None  # [B, 1, T, 1] multiplier of the queries (logn attention), or None
-    masks: dict  # (sparse, windowed) -> (mask, is_causal): mask boolean [B|1, 1, Tq, Tk] or None, per kind of layer
+    # (sparse, windowed) -> how that kind of layer attends: (mask, is_causal) for SDPA, with mask
+    # boolean [B|1, 1, Tq, Tk] or None; or a LocalPlan (lmzoo.nn.local_attention), called as plan(q, k, v)
+    masks: dict
     cache: KVCache | None
     prefix_kv: list | None = None  # P-tuning v2 without a cache: per layer (k, v) [B, Hkv, P, D]
 
@@ -72,8 +74,8 @@ class Attention(nn.Module):
         elif step.prefix_kv is not None:  # virtual keys are stored unrotated, in front
             pk, pv = step.prefix_kv[layer]
             k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
-        mask, is_causal = step.masks[self.sparse, self.windowed]
-        y = sdpa(q, k, v, mask, is_causal)
+        how = step.masks[self.sparse, self.windowed]
+        y = sdpa(q, k, v, *how) if isinstance(how, tuple) else how(q, k, v)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 

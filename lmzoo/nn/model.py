@@ -19,7 +19,8 @@ from .attention import Attention, Step
 from .cache import KVCache
 from .head_loss import ChunkedHeadCrossEntropy
 from .linear import Linear, is_plain_linear
-from .masks import build_mask, prefix_end_slots
+from .local_attention import plan_for
+from .masks import Visibility, build_mask, prefix_end_slots, with_virtual
 from .mlp import MLP, MoE
 from .recompute import recomputed
 from .rope import rope_tables
@@ -139,6 +140,9 @@ class Decoder(nn.Module):
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.gradient_checkpointing = False  # recompute each block's activations in backward
+        # Windowed and sparse layers attend chunk by chunk over the keys their pattern keeps
+        # (lmzoo.nn.local_attention); False: always the masked dense path, the reference it is tested against.
+        self.local_attention = True
         self.virtual: nn.Module | None = None  # prompt tuning or P-tuning v2 encoder (lmzoo.peft.prefix)
         self.reset_parameters()
 
@@ -234,7 +238,7 @@ class Decoder(nn.Module):
         if c.logn_attention:
             query_scale = logn_scale(position_ids if position_ids.dim() == 2 else position_ids[0], c.max_seq_len)
 
-        masks = self._masks(start, T, key_valid, prefix_len, x.device, B, n_prefix)
+        masks = self._masks(start, T, key_valid, prefix_len, x.device, B, n_prefix, cache)
         step = Step(rope=rope, query_scale=query_scale, masks=masks, cache=cache, prefix_kv=prefix_kv)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -303,7 +307,7 @@ class Decoder(nn.Module):
         positions = torch.minimum(positions, (prefix[:, None] - 1).clamp(min=0))
         return torch.stack([positions, block])
 
-    def _masks(self, start, T, key_valid, prefix_len, device, B, n_virtual=0):
+    def _masks(self, start, T, key_valid, prefix_len, device, B, n_virtual=0, cache=None):
         """(mask, is_causal) for each kind of layer, keyed (sparse, windowed); masks are shared by
         all layers of a kind, and mask=None with is_causal says SDPA's own causal mask does the job."""
         c = self.config
@@ -317,29 +321,42 @@ class Decoder(nn.Module):
             prefix_end = prefix_end_slots(prefix_len, key_valid, T)
         q_slots = torch.arange(start, start + T, device=device)
 
-        def mask_for(pattern: str, window: int | None):
+        def mask_for(sparse: bool, windowed: bool):
+            pattern = c.attention_pattern if sparse else "dense"
+            window = c.sliding_window if windowed else None
+            rules = dict(window=window, pattern=pattern, block=c.sparse_block, summary=c.sparse_summary,
+                         prefix_end=prefix_end, key_valid=key_valid)
+            ring = rings.get((sparse, windowed))
+            ring_keys = cache.ring_keys(ring, T) if ring else None
+            if ring_keys is not None:  # a rolling cache: keys in ring order, each read by its slot
+                allowed = Visibility(**rules)(q_slots[None, :, None], ring_keys[None, None, :]) & (ring_keys >= 0)
+                return with_virtual(allowed[:, None], n_virtual), False
             unmasked = window is None or start + T <= window
             if pattern == "dense" and key_valid is None and prefix_end is None and unmasked and not n_virtual:
                 if start == 0:
                     return None, T > 1
                 if T == 1:
                     return None, False  # one new query sees every cached key
-            return build_mask(q_slots, start + T, window=window, pattern=pattern, block=c.sparse_block,
-                              summary=c.sparse_summary, prefix_end=prefix_end, key_valid=key_valid,
-                              n_virtual=n_virtual), False
+            if start == 0 and self.local_attention:  # a whole sequence: compute only what the pattern keeps
+                plan = plan_for(c, sparse, windowed, T, Visibility(**rules), n_virtual, prefix_end, key_valid)
+                if plan is not None:
+                    return plan
+            return build_mask(q_slots, start + T, n_virtual=n_virtual, **rules), False
 
         kinds = {(c.is_sparse_layer(i), c.is_window_layer(i)) for i in range(c.n_layers)}
-        return {(sparse, windowed): mask_for(c.attention_pattern if sparse else "dense",
-                                             c.sliding_window if windowed else None)
-                for sparse, windowed in kinds}
+        rings = {} if cache is None else {(c.is_sparse_layer(i), c.is_window_layer(i)): cache.ring[i]
+                                          for i in range(c.n_layers)}
+        return {kind: mask_for(*kind) for kind in kinds}
 
     # ------------------------------------------------------------------ conveniences
-    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        """A cache for `max_len` text tokens (plus any virtual tokens of an attached adapter)."""
+    def new_cache(self, batch: int, max_len: int | None = None, *, rolling: bool = True) -> KVCache:
+        """A cache for `max_len` text tokens (plus any virtual tokens of an attached adapter);
+        rolling=False: every layer keeps every slot, in order (no ring buffers, see lmzoo.nn.cache)."""
         p = self.tok_emb.weight
         extra = self.virtual.n_virtual if self.virtual is not None else 0
+        prefix = extra if extra and self.virtual.kind == "prefix" else 0  # P-tuning v2's own slots in front
         return KVCache(self.config, batch, (max_len or self.config.context_limit) + extra, dtype=p.dtype,
-                       device=p.device)
+                       device=p.device, virtual=prefix, rolling=rolling)
 
     def generate(self, input_ids, max_new_tokens: int = 64, **kwargs):
         """Prompt + new tokens; see lmzoo.nn.generate.generate for the options."""

@@ -154,7 +154,7 @@ def _init_from_tokens(model, encoder: PrefixEncoder, ids: torch.Tensor | None = 
     if ids is None:
         ids = torch.randint(0, model.config.vocab_size, (1, P), device=model.tok_emb.weight.device)
     attached, model.virtual = model.virtual, None  # the plain model reads the tokens
-    cache = model.new_cache(1, P)
+    cache = model.new_cache(1, P, rolling=False)  # read back in slot order
     model(ids, cache=cache)
     model.virtual = attached
     kv = torch.stack([t[0, :, :P] for layer in range(model.config.n_layers)
