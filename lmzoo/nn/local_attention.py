@@ -60,10 +60,11 @@ def plan_for(c: Config, sparse: bool, windowed: bool, T: int, visible: Visibilit
         return None
     if key_valid is not None and not bool((key_valid[:, 1:] >= key_valid[:, :-1]).all()):
         return None
-    # Strided and fixed chunks are whole blocks, so a residue is the same slot within each. For a
-    # band, a chunk of w/2 scores 1.5·w keys per query: fewer, and the chunks get too small to
-    # keep SDPA's kernel busy (measured in bench/attention.py).
-    chunk = reach if far else max(16, reach // 4)
+    # Strided and fixed chunks are whole blocks, so a residue is the same slot within each. A band's
+    # chunk of w/2 queries scores 1.5·w keys each. At 16k tokens, 12 heads, w = 256: w/4 ran the
+    # forward 7% faster but forward + backward 33% slower, with 747 MB at its peak, against 560 MB
+    # (backward holds the gradient of every overlapping tile); w took 476 MB, and 14% longer forward.
+    chunk = reach if far else max(16, reach // 2)
     dense_rows = 0
     if prefix_end is not None:  # a prefix is read both ways, all of it: that part is dense anyway
         dense_rows = min(T, -(-int(prefix_end.max()) // chunk) * chunk)
