@@ -138,9 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also save the picture as this PNG file")
     p.set_defaults(run=cmd_masks)
 
+    from .serve.commands import register as register_serve
     from .show.commands import register
 
     register(sub)
+    register_serve(sub)
     return parser
 
 

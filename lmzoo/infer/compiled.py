@@ -44,8 +44,8 @@ import torch
 from ..errors import LmzooError
 
 
-def _decode_step(model, input_ids, cache):
-    return model(input_ids, cache=cache)
+def _decode_step(model, input_ids, cache, position_ids=None):
+    return model(input_ids, cache=cache, position_ids=position_ids)
 
 
 _COPIES = itertools.count()
@@ -84,17 +84,19 @@ class CompiledDecodeStep:
         on_cpu = model.tok_emb.weight.device.type == "cpu"
         self.settings = torch._inductor.config.patch(**_CPU_SETTINGS) if on_cpu else contextlib.nullcontext()
 
-    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, cache, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, 1, vocab]; position_ids [B, 1] when rows are not where the cache says
+        (lmzoo.serve's rows, aligned at their last slot)."""
         try:
             with self.settings:
-                return self.compiled(self.model, input_ids, cache)
+                return self.compiled(self.model, input_ids, cache, position_ids)
         except LmzooError:
             raise
         except Exception as e:
             if self.one_graph:  # not one graph (a graph break): nothing has run yet; compile with every guard
                 self.one_graph = False
                 self.compiled = torch.compile(self.step, dynamic=True)
-                return self(input_ids, cache)
+                return self(input_ids, cache, position_ids)
             # a missing C++ compiler, an unsupported op: say what to do instead
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise LmzooError(f"torch.compile could not compile the decode step ({type(e).__name__}: {first[:200]}); "

@@ -1,0 +1,1 @@
+"""lmzoo serve: an OpenAI-compatible HTTP server over one engine loop with continuous batching."""
