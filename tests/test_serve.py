@@ -296,3 +296,41 @@ def test_serve_refuses_bad_flags_in_one_line(tmp_path):
         assert r.returncode == 1 and r.stderr.startswith(f"lmzoo: error: {flag}"), r.stderr
         assert "Traceback" not in r.stderr
     assert json.dumps  # (json is used by the module's other tests through httpx)
+
+
+# ---------------------------------------------------------------------- the chat page, in a real browser
+
+def test_the_chat_page_streams_an_answer_in_headless_chromium(server):
+    """Open GET / in Debian's chromium, give the key, pick the P-tuning adapter, ask, and read the
+    streamed answer and its tokens/s as a person would see them."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    if not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")):
+        pytest.fail("the browser test needs Debian's chromium and chromium-driver (make test installs them as root)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        driver.get(server["url"] + "/")
+        key = driver.find_element(By.ID, "key")
+        key.send_keys(KEY)
+        key.send_keys(Keys.TAB)  # 'change': the page lists the models with the key
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 3)
+        Select(driver.find_element(By.ID, "model")).select_by_visible_text("prefix")
+        box = driver.find_element(By.ID, "prompt")
+        box.send_keys("What is the capital of France?")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda d: "tokens/s" in d.find_element(By.ID, "stats").text)
+        answer = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+        assert len(answer) == 1 and answer[0].text.strip()
+        assert driver.find_element(By.CSS_SELECTOR, ".msg.user").text == "What is the capital of France?"
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+    finally:
+        driver.quit()
