@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lmzoo
-from lmzoo.peft import LoraConfig, PrefixConfig, add_lora, add_virtual
+from lmzoo.peft import LoraConfig, PrefixConfig, PromptConfig, add_lora, add_virtual
 
 KEY = "test-key"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -32,7 +32,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    """A LoRA (q, v; random B, so it changes the output) and a P-tuning v2 adapter for the embedded model."""
+    """A LoRA (q, v; random B, so it changes the output), a P-tuning v2 and a prompt-tuning adapter for
+    the embedded model."""
     root = tmp_path_factory.mktemp("adapters")
     torch.manual_seed(0)
     model, _ = lmzoo.load()
@@ -45,7 +46,11 @@ def adapters(tmp_path_factory):
     add_virtual(model, PrefixConfig(n_virtual=4))
     torch.nn.init.normal_(model.virtual.embedding.weight, std=0.3)
     lmzoo.save_adapter(model, str(root / "prefix"))
-    return {"lora": str(root / "lora"), "prefix": str(root / "prefix")}
+    model, _ = lmzoo.load()
+    add_virtual(model, PromptConfig(n_virtual=3))
+    torch.nn.init.normal_(model.virtual.embedding.weight, std=0.5)
+    lmzoo.save_adapter(model, str(root / "prompt"))
+    return {name: str(root / name) for name in ("lora", "prefix", "prompt")}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +59,7 @@ def server(adapters):
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmzoo", "serve", "--port", str(port), "--api-key", KEY, "--name", "base",
          "--adapter", f"lora={adapters['lora']}", "--adapter", f"prefix={adapters['prefix']}",
+         "--adapter", f"prompt={adapters['prompt']}",
          "--max-batch", "4", "--max-queue", "6", "--max-tokens", "64", "--max-context", "512"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -111,7 +117,7 @@ def chat(client, model="base", messages=QUESTION, **kw):
 
 def test_health_models_tokenize_and_the_page(server, client):
     assert server["loading_seen"] or httpx.get(server["url"] + "/health").status_code == 200
-    assert sorted(m.id for m in client.models.list().data) == ["base", "lora", "prefix"]
+    assert sorted(m.id for m in client.models.list().data) == ["base", "lora", "prefix", "prompt"]
     h = {"Authorization": f"Bearer {KEY}"}
     ids = httpx.post(server["url"] + "/tokenize", json={"prompt": "Hello world"}, headers=h).json()
     assert ids["count"] == len(ids["tokens"]) > 0
@@ -122,21 +128,24 @@ def test_health_models_tokenize_and_the_page(server, client):
 
 
 def test_chat_equals_lmzoo_generate_for_base_and_each_adapter_side_by_side(client, reference):
-    """A plain row, a P-tuning v2 row (same batch) and a LoRA row (its own batch) at once."""
+    """A plain row, a P-tuning v2 row and a prompt-tuning row (one batch) and a LoRA row (its own
+    batch) at once."""
+    names = ("base", "prefix", "prompt", "lora")
+
     async def all_at_once():
         aclient = openai.AsyncOpenAI(base_url=client.base_url, api_key=KEY, max_retries=0)
         return await asyncio.gather(*(aclient.chat.completions.create(
-            model=name, messages=QUESTION, temperature=0, max_tokens=12) for name in ("base", "prefix", "lora")))
+            model=name, messages=STORY, temperature=0, max_tokens=12) for name in names))
 
     answers = asyncio.run(all_at_once())
     texts = {}
-    for name, r in zip(("base", "prefix", "lora"), answers, strict=True):
+    for name, r in zip(names, answers, strict=True):
         assert r.model == name and r.object == "chat.completion" and r.id.startswith("chatcmpl-")
         texts[name] = r.choices[0].message.content
-        assert texts[name] == reference["greedy"](name, QUESTION, 12), name
+        assert texts[name] == reference["greedy"](name, STORY, 12), name
         assert r.usage.completion_tokens <= 12 and r.usage.total_tokens == r.usage.prompt_tokens + 12 or \
             r.choices[0].finish_reason == "stop"
-    assert len(set(texts.values())) == 3  # each adapter changes the answer
+    assert len(set(texts.values())) == 4  # each adapter changes the answer
 
 
 def test_stream_has_role_first_finish_last_usage_and_done(server, client):
@@ -322,7 +331,7 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(server):
         key.send_keys(KEY)
         key.send_keys(Keys.TAB)  # 'change': the page lists the models with the key
         wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 3)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 4)
         Select(driver.find_element(By.ID, "model")).select_by_visible_text("prefix")
         box = driver.find_element(By.ID, "prompt")
         box.send_keys("What is the capital of France?")
