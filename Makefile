@@ -35,10 +35,11 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 # The long profile of the fuzzing (tests/test_fuzz.py: 600 cases a parser instead of 60, not
-# derandomized) and 20 SIGKILLs instead of 4; the counts go to fuzz-report.json (docs/reliability.md).
+# derandomized), 20 SIGKILLs instead of 4, and 2000 server requests instead of 120; the parsers'
+# counts go to fuzz-report.json (docs/reliability.md).
 fuzz: $(STAMP)
-	LMZOO_FUZZ=long LMZOO_FUZZ_REPORT=fuzz-report.json $(BIN)/python -m pytest -q tests/test_fuzz.py \
-		tests/test_crash.py tests/test_gguf_malformed.py
+	LMZOO_FUZZ=long LMZOO_FUZZ_REPORT=fuzz-report.json LMZOO_SERVE_FUZZ=2000 $(BIN)/python -m pytest -q \
+		tests/test_fuzz.py tests/test_crash.py tests/test_gguf_malformed.py tests/test_serve_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/startup.py

@@ -348,7 +348,7 @@ def build_app(server: Server) -> Starlette:
         want_logprobs = _field(body, "logprobs", (bool,), False)
         top = _field(body, "top_logprobs", (int,), 0, lo=0, hi=20)
         stream = _field(body, "stream", (bool,), False)
-        usage_chunk = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        usage_chunk = bool(_field(body, "stream_options", (dict,), {}).get("include_usage")) if stream else False
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         reqs = [server._new_request(prompt, model, sampling, tok().stop_ids, j,
                                     logprobs=top if want_logprobs else None) for j in range(n)]
@@ -437,7 +437,7 @@ def build_app(server: Server) -> Starlette:
         k = _field(body, "logprobs", (int,), None, lo=0, hi=20)
         echo = _field(body, "echo", (bool,), False)
         stream = _field(body, "stream", (bool,), False)
-        usage_chunk = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        usage_chunk = bool(_field(body, "stream_options", (dict,), {}).get("include_usage")) if stream else False
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         jobs = [(i * n + j, p, server._new_request(p, model, s, tok().stop_ids, j, logprobs=k,
                                                    echo_logprobs=echo and k is not None))
