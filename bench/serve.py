@@ -1,6 +1,6 @@
 """`lmzoo serve` under load (issue 23): batching, latency and a mixed load, in one run.
 
-    python bench/serve.py [--quick] [--json FILE]
+    python bench/serve.py [--quick] [--json FILE] [--llama-cpp PYTHON]
 
 Starts `lmzoo serve` on the embedded model with a LoRA and a P-tuning v2 adapter (random, made
 here), as a subprocess on a free port, then, side by side in one run:
@@ -12,8 +12,9 @@ here), as a subprocess on a free port, then, side by side in one run:
    every other one streamed, a random tenth cancelled mid-stream (closed after 3 chunks).
    Counts failures (none expected), checks the batch is empty afterwards (/metrics), and the
    server's RSS before and after.
-llama.cpp's server is not measured: llama-cpp-python built here crashes in its first eval
-(see README, Start-up).
+4. With --llama-cpp PYTHON (an interpreter with llama-cpp-python[server]): the same batching
+   and latency load (1 and then 8 streaming clients) against llama.cpp's server on the same GGUF,
+   run right after lmzoo's, side by side.
 """
 
 from __future__ import annotations
@@ -92,6 +93,33 @@ def decode_rate(results) -> float:
     return tokens / span
 
 
+def wait_ready(url, path="/health", tries=600):
+    for _ in range(tries):
+        try:
+            if httpx.get(url + path).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not become ready")
+
+
+def llama_cpp_batching(python, n_tokens, gguf):
+    """llama.cpp's OpenAI server on the same GGUF (8 parallel slots, 2 threads), the same load."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--n_ctx", "4096",
+                             "--n_threads", "2", "--n_threads_batch", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", "/v1/models")
+        return asyncio.run(batching(f"http://127.0.0.1:{port}", n_tokens))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 async def batching(url, n_tokens):
     async with httpx.AsyncClient(timeout=300) as client:
         await stream_one(client, url, "base", PROMPT, 4)  # warm-up
@@ -142,6 +170,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tokens and requests: a smoke run")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--llama-cpp", default=None, metavar="PYTHON",
+                    help="a Python with llama-cpp-python[server]: measure llama.cpp's server the same way")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lmzoo-bench-serve-"))
     adapters = make_adapters(tmp)
@@ -153,13 +183,7 @@ def main():
                              "--adapter", f"lora={adapters['lora']}", "--adapter", f"prefix={adapters['prefix']}",
                              "--max-batch", "8", "--max-context", "1024"])
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(url)
         n_tokens = 16 if args.quick else 64
         result = {"batching": asyncio.run(batching(url, n_tokens))}
         b = result["batching"]
@@ -177,6 +201,15 @@ def main():
               f"{m['rss_after_mb']:.0f} MB ({m['rss_after_mb'] / m['rss_before_mb'] - 1:+.1%})")
         for f in m["failures"][:5]:
             print("  failure:", f)
+        if args.llama_cpp:
+            from lmzoo import default_model_path
+
+            proc.terminate()  # one server at a time on the 2 cores
+            proc.wait(timeout=20)
+            result["llama_cpp"] = ll = llama_cpp_batching(args.llama_cpp, n_tokens, default_model_path())
+            print(f"llama.cpp server: one client {ll['one_client_tok_s']:.1f} tok/s, 8 clients "
+                  f"{ll['eight_clients_tok_s']:.1f} tok/s ({ll['ratio']:.2f}x); time to first token alone "
+                  f"{ll['ttft_alone_s']:.3f} s, p50 of 8 {ll['ttft_p50_s']:.3f} s")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
     finally:

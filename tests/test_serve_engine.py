@@ -142,3 +142,16 @@ def test_compaction_moves_a_row_with_a_gap_under_a_longer_one(model):
     assert compactions
     assert got_a == alone(model, prompts[0], 90)
     assert got_b == alone(model, prompts[1], 30) and got_c == alone(model, prompts[2], 30)
+
+
+def test_an_error_in_one_request_reaches_it_and_the_engine_goes_on(model):
+    """The API refuses a NaN temperature; if something like it reached the sampler anyway, the
+    request must get an error event (not wait forever), and the next request must be served."""
+    engine = Engine({"m": model}, {}, max_batch=2, max_context=100).start()
+    try:
+        bad = run(engine, Request(prompt=[1, 2, 3], model="m", max_tokens=3, temperature=float("nan")))
+        assert bad.get(timeout=60)[0] == "error"
+        good, why = tokens_of(run(engine, Request(prompt=[1, 2, 3], model="m", max_tokens=3)))
+        assert why == "length" and good == alone(model, [1, 2, 3], 3)
+    finally:
+        engine.stop()

@@ -23,7 +23,8 @@ values = st.recursive(scalars, lambda inner: st.one_of(
                                                                    "include_usage"]), inner, max_size=3)),
     max_leaves=8)
 # values a real client might send (so that many requests get through to the engine), and anything
-plausible = st.one_of(st.integers(-1, 6), st.floats(0, 2), st.booleans(), st.just("base"), st.just(["lo", "and"]),
+plausible = st.one_of(st.integers(-1, 6), st.floats(0, 2), st.sampled_from([float("nan"), float("inf")]), st.booleans(),
+                      st.just("base"), st.just(["lo", "and"]),
                       st.just({"type": "text"}), st.just({"include_usage": True}), st.just([1, 2, 3]),
                       st.just([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]))
 VALID = {"/v1/chat/completions": {"model": "base", "messages": [{"role": "user", "content": "Hi"}]},
@@ -82,3 +83,11 @@ def test_random_bodies_get_a_200_or_one_clear_error(client, request, raw):
 def test_the_engine_still_answers_after_the_fuzzing(client):
     r = client.post("/v1/completions", json={"model": "base", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_nan_and_infinite_numbers_are_refused_not_sampled(client):
+    """A NaN temperature would reach the sampler and fail every row of the batch: refused first."""
+    for field, value in (("temperature", "NaN"), ("top_p", "NaN"), ("temperature", "Infinity")):
+        body = f'{{"model": "base", "prompt": "Hi", "max_tokens": 2, "{field}": {value}}}'
+        r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field

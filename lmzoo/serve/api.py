@@ -59,7 +59,7 @@ def _field(body: dict, name: str, kinds, default=None, *, lo=None, hi=None):
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__.replace("str", "string").replace("int", "integer") for k in kinds)
         raise ApiError(400, f"'{name}' must be {names}, got {json.dumps(value)[:40]}", name)
-    if lo is not None and value < lo or hi is not None and value > hi:
+    if value != value or lo is not None and value < lo or hi is not None and value > hi:  # NaN fails the first
         raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {value}", name)
     return value
 

@@ -230,7 +230,7 @@ class Engine:
         p.done += ids.shape[1]
         if p.done < len(req.prompt):
             return
-        self.prefilling.remove(p)
+        # p stays in self.prefilling until it is placed or finished, so that an error reaches it
         # positions continue after the prompt's: its text positions, shifted as the adapter shifts them
         shift = 0
         if encoder is not None and (encoder.kind == "prompt" or encoder.text_positions == "after"):
@@ -238,11 +238,11 @@ class Engine:
         req.next_position = shift + len(req.prompt)
         if req.max_tokens == 0:  # scoring the prompt only (completions' echo)
             req.emit(("done", "length"))
-            return
-        token = self._emit_token(req, last)
-        if token is None:
-            return
-        self._place(batch, p.cache, req, token)
+        else:
+            token = self._emit_token(req, last)
+            if token is not None:
+                self._place(batch, p.cache, req, token)
+        self.prefilling.remove(p)
 
     def _echo(self, req: Request, start: int, logits: torch.Tensor) -> None:
         """Log-probabilities of prompt tokens start+1.. given the ones before (the first has none)."""
