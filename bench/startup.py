@@ -23,7 +23,8 @@ LLAMA_CPP = """
 import sys
 import numpy as np
 from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads={threads}, n_threads_batch={threads}, verbose=False)
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads={threads}, n_threads_batch={threads}, verbose=False,
+            logits_all=True)  # scores of the last position are read below; without it they stay zero here
 text = ("<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n"
         "<|im_start|>user\\n" + sys.argv[2] + "<|im_end|>\\n<|im_start|>assistant\\n")
 llm.eval(llm.tokenize(text.encode(), add_bos=False, special=True))
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--prompt", default="What is the capital of France?")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--llama-cpp", default=None, metavar="PYTHON",
+                    help="an interpreter with llama-cpp-python (default: this one, when it has it)")
     args = ap.parse_args()
 
     import importlib.util
@@ -65,8 +68,9 @@ def main() -> None:
 
     gguf = lmzoo.default_model_path()
     engines = {"lmzoo": [sys.executable, "-m", "lmzoo", "generate", args.prompt, "--max-new-tokens", "16"]}
-    if importlib.util.find_spec("llama_cpp") is not None:
-        engines["llama.cpp"] = [sys.executable, "-c", LLAMA_CPP.format(threads=args.threads), gguf, args.prompt]
+    if args.llama_cpp or importlib.util.find_spec("llama_cpp") is not None:
+        python = args.llama_cpp or sys.executable
+        engines["llama.cpp"] = [python, "-c", LLAMA_CPP.format(threads=args.threads), gguf, args.prompt]
     else:
         print("llama-cpp-python is not installed: lmzoo alone (pip install -e .[bench])")
     for name, command in list(engines.items()):  # a warm-up each: the page cache holds the files afterwards
