@@ -155,3 +155,23 @@ def test_an_error_in_one_request_reaches_it_and_the_engine_goes_on(model):
         assert why == "length" and good == alone(model, [1, 2, 3], 3)
     finally:
         engine.stop()
+
+
+def test_a_failed_load_is_reported_not_loading_forever():
+    from starlette.testclient import TestClient
+
+    from lmzoo.serve.api import Server, build_app
+
+    def load():
+        raise RuntimeError("out of memory")
+
+    server = Server(load)
+    with TestClient(build_app(server)) as c:
+        for _ in range(100):
+            if server.error:
+                break
+            time.sleep(0.01)
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "error" and "out of memory" in r.json()["message"]
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "Hi"})
+        assert r.status_code == 503 and "out of memory" in r.json()["error"]["message"]

@@ -91,3 +91,25 @@ def test_nan_and_infinite_numbers_are_refused_not_sampled(client):
         body = f'{{"model": "base", "prompt": "Hi", "max_tokens": 2, "{field}": {value}}}'
         r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["param"] == field
+
+
+def test_inputs_that_once_failed_the_whole_batch_are_refused_or_served(client):
+    """Each of these once crashed the engine thread (failing every request in flight) or hung:
+    a seed past 64 bits, a temperature so small that logits / t overflow, an empty prompt, token
+    ids given as booleans. Now: a 400 naming the field, or a normal answer."""
+    h = {"content-type": "application/json"}
+    for body, status, param in (
+            ({"prompt": "Hi", "seed": 2 ** 64, "temperature": 1}, 400, "seed"),
+            ({"prompt": "Hi", "seed": 2 ** 63 - 1, "n": 2, "temperature": 1}, 400, "seed"),
+            ({"prompt": "Hi", "temperature": 1e-300}, 200, None),
+            ({"prompt": ""}, 400, "prompt"), ({"prompt": [""]}, 400, "prompt"),
+            ({"prompt": [[True, False]]}, 400, "prompt"),
+            ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}, 400, "max_tokens")):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        r = client.post(path, content=json.dumps({"model": "base", "max_tokens": 2, **body}), headers=h)
+        assert r.status_code == status, (body, r.text)
+        if param:
+            assert r.json()["error"]["param"] == param, (body, r.text)
+    usage = [client.post("/v1/completions", json={"model": "base", "prompt": "Hi there", "max_tokens": 2, "n": n})
+             .json()["usage"]["prompt_tokens"] for n in (1, 2)]
+    assert usage[0] == usage[1] > 0  # the prompt counts once, as OpenAI counts it, whatever n is

@@ -15,8 +15,9 @@ from ..errors import LmzooError
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V]: greedy at temperature 0, else top-k/top-p sampling."""
-    if temperature <= 0:
+    """Next token ids [B] from logits [B, V]: greedy at temperature 0, else top-k/top-p sampling.
+    Temperatures below 1e-5 are greedy too: dividing by them can overflow to inf, and NaN odds."""
+    if temperature < 1e-5:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:

@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -156,6 +157,10 @@ class Server:
             self.engine, self.tokenizer = load()
         except LmzooError as e:
             self.error = str(e)
+        except Exception as e:  # out of memory, a failed compile...: /health must say so, not "loading" forever
+            self.error = f"loading the model failed: {type(e).__name__}: {e}"
+        if self.error:
+            print(f"lmzoo serve: {self.error}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ plumbing
     def _ready(self):
@@ -202,6 +207,9 @@ class Server:
 
     def _sampling(self, body: dict, prompt_len: int, model: str, max_name: str) -> dict:
         context = self.engine.context_of(model)
+        if prompt_len == 0:
+            raise ApiError(400, "the prompt has no tokens", "messages" if max_name == "max_completion_tokens" else
+                           "prompt")
         if prompt_len >= context:
             raise ApiError(400, f"the prompt has {prompt_len} tokens; this model's context is {context}",
                            "messages" if max_name == "max_completion_tokens" else "prompt",
@@ -211,7 +219,7 @@ class Server:
         names = ("max_completion_tokens", "max_tokens") if max_name == "max_completion_tokens" else ("max_tokens",)
         max_tokens = None
         for name in names:
-            max_tokens = _field(body, name, (int,), None, lo=0 if name == "max_tokens" else 1,
+            max_tokens = _field(body, name, (int,), None, lo=0 if max_name == "max_tokens" else 1,
                                 hi=self.limits.max_tokens)
             if max_tokens is not None:
                 if prompt_len + max_tokens > context:
@@ -223,13 +231,20 @@ class Server:
                     temperature=float(_field(body, "temperature", (int, float), 1.0, lo=0, hi=2)),
                     top_p=float(_field(body, "top_p", (int, float), 1.0, lo=0, hi=1)) or 1e-9,
                     top_k=None if top_k in (None, -1, 0) else top_k,
-                    seed=_field(body, "seed", (int,), None))
+                    seed=_field(body, "seed", (int,), None, lo=0, hi=2 ** 63 - 1 - self.limits.max_n))
 
     async def _events(self, request: HttpRequest, req: Request):
         """Submit req and yield its events; a client that goes away cancels it."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        req.emit = lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev)
+
+        def emit(ev):  # from the engine thread
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone (shutting down): stop the row
+                req.cancelled.set()
+
+        req.emit = emit
         try:
             self.engine.submit(req)
         except LmzooError as e:
@@ -237,15 +252,22 @@ class Server:
             raise ApiError(503 if code else 404, str(e), None if code else "model", code,
                            "server_error" if code else "invalid_request_error") from None
         self._count("requests", model=req.model)
+        self._count("prompt_tokens", len(req.prompt))
         started, first = time.perf_counter(), None
+        checked = started
         try:
             while True:
                 try:
                     ev = await asyncio.wait_for(q.get(), timeout=1.0)
                 except TimeoutError:
+                    ev = None
+                # a client that went away frees its row (Starlette cancels only streamed responses itself)
+                if ev is None or time.perf_counter() - checked > 1.0:
+                    checked = time.perf_counter()
                     if await request.is_disconnected():
                         req.cancelled.set()
                         return
+                if ev is None:
                     continue
                 if ev[0] == "token":
                     now = time.perf_counter()
@@ -319,6 +341,7 @@ def build_app(server: Server) -> Starlette:
             server._count("errors", status=str(e.status))
             return e.response()
         except LmzooError as e:
+            server._count("errors", status="400")
             return ApiError(400, str(e)).response()
         except Exception as e:  # never a traceback to the client
             return ApiError(500, f"internal error: {type(e).__name__}", kind="server_error").response()
@@ -360,7 +383,12 @@ def build_app(server: Server) -> Starlette:
                                       "bytes": list(server._token_text(t).encode())} for t, lp in info.get("top", [])]}
 
         if not stream:
-            results = await asyncio.gather(*(_collect(server._events(request, r), TextOut(tok(), stop)) for r in reqs))
+            try:
+                results = await asyncio.gather(*(_collect(server._events(request, r), TextOut(tok(), stop))
+                                                 for r in reqs))
+            finally:  # one choice failed (a full queue): the others stop too
+                for r in reqs:
+                    r.cancelled.set()
             choices, completion = [], 0
             for j, items in enumerate(results):
                 tokens = [it for it in items if it[0] == "token"]
@@ -370,7 +398,7 @@ def build_app(server: Server) -> Starlette:
                                 "logprobs": {"content": [lp_entry(it[2]) for it in tokens]} if want_logprobs else None,
                                 "finish_reason": items[-1][2]})
             return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
-                                 "choices": choices, "usage": _usage(len(prompt) * n, completion)})
+                                 "choices": choices, "usage": _usage(len(prompt), completion)})
 
         async def events():
             completion = 0
@@ -398,7 +426,7 @@ def build_app(server: Server) -> Starlette:
                 yield _sse(json.loads(e.response().body))
                 return
             if usage_chunk:
-                yield _sse({**base, "choices": [], "usage": _usage(len(prompt) * n, completion)})
+                yield _sse({**base, "choices": [], "usage": _usage(len(prompt), completion)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -413,7 +441,8 @@ def build_app(server: Server) -> Starlette:
                 return [prompt]
             if all(isinstance(p, str) for p in prompt):
                 return [tok().encode(p) for p in prompt]
-            if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+            if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+                   for p in prompt):
                 return prompt
         raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids, or a list of those",
                        "prompt")
@@ -442,7 +471,7 @@ def build_app(server: Server) -> Starlette:
         jobs = [(i * n + j, p, server._new_request(p, model, s, tok().stop_ids, j, logprobs=k,
                                                    echo_logprobs=echo and k is not None))
                 for i, (p, s) in enumerate(zip(prompts, samplings, strict=True)) for j in range(n)]
-        prompt_tokens = sum(len(p) for _, p, _ in jobs)
+        prompt_tokens = sum(len(p) for p in prompts)  # each prompt once, as OpenAI counts, whatever n is
 
         def logprob_block(tokens, logprobs, tops, offset):
             texts = [server._token_text(t) for t in tokens]
@@ -454,8 +483,12 @@ def build_app(server: Server) -> Starlette:
             return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
         if not stream:
-            results = await asyncio.gather(*(_collect(server._events(request, r), TextOut(tok(), stop))
-                                             for _, _, r in jobs))
+            try:
+                results = await asyncio.gather(*(_collect(server._events(request, r), TextOut(tok(), stop))
+                                                 for _, _, r in jobs))
+            finally:  # one choice failed (a full queue): the others stop too
+                for _, _, r in jobs:
+                    r.cancelled.set()
             choices, completion = [], 0
             for (index, p, _), items in zip(jobs, results, strict=True):
                 tokens = [it for it in items if it[0] == "token"]

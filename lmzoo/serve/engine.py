@@ -141,6 +141,8 @@ class Engine:
         """Queue a request; raises LmzooError('queue full') when max_queue are already waiting."""
         if request.model not in self.batches and request.model not in self.virtual:
             raise LmzooError(f"unknown model {request.model!r}")
+        if not request.prompt:
+            raise LmzooError("the prompt has no tokens")
         if self.queue_length() >= self.max_queue:
             raise LmzooError(f"the queue is full ({self.max_queue} requests waiting); retry later")
         self.waiting.put(request)
@@ -199,9 +201,13 @@ class Engine:
                 self.waiting.put(req)  # this model's rows are full: wait for one to leave
                 return
             n_virtual = self.virtual[req.model][1].n_virtual if req.model in self.virtual else 0
-            cache = batch.model.new_cache(1, len(req.prompt) + n_virtual, rolling=False)
-            if req.seed is not None:
-                req.generator = torch.Generator(device=cache.key_valid.device).manual_seed(req.seed)
+            try:
+                cache = batch.model.new_cache(1, len(req.prompt) + n_virtual, rolling=False)
+                if req.seed is not None:
+                    req.generator = torch.Generator(device=cache.key_valid.device).manual_seed(req.seed)
+            except (RuntimeError, ValueError, OverflowError) as e:  # this request's own fault: it alone fails
+                req.emit(("error", f"{type(e).__name__}: {e}"))
+                continue
             self.prefilling.append(_Prefill(req, cache))
             free -= 1
 
@@ -215,7 +221,8 @@ class Engine:
         batch = self.batches[batch_name]
         model = batch.model
         encoder = self.virtual[req.model][1] if req.model in self.virtual else None
-        ids = torch.tensor([req.prompt[p.done:p.done + PREFILL_CHUNK]], device=p.cache.key_valid.device)
+        ids = torch.tensor([req.prompt[p.done:p.done + PREFILL_CHUNK]], dtype=torch.long,
+                           device=p.cache.key_valid.device)
         attached, model.virtual = model.virtual, encoder
         try:
             if req.echo_logprobs:
