@@ -214,6 +214,14 @@ def test_n_choices_and_seeded_sampling_repeat(client):
     b = chat(client, temperature=0.9, seed=7, n=2)
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
     assert len(a.choices) == 2
+    # streamed, the two choices decode side by side; their interleaved chunks reassemble to the same texts
+    texts, order = ["", ""], []
+    for chunk in chat(client, temperature=0.9, seed=7, n=2, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            order.append(c.index)
+    assert texts == [c.message.content for c in a.choices]
+    assert order[2:].count(0) and order[order.index(1, 2):].count(0)  # choice 0 still streams after 1 began
 
 
 def test_batch_independence_greedy_and_seeded(client):

@@ -323,6 +323,38 @@ async def _choice(events, out: TextOut):
     yield "finish", out.finish(), "stop" if out.stopped else reason
 
 
+async def _merged(streams):
+    """(i, item) from several async generators as their items come, so that the choices of one
+    streamed request (n > 1) decode side by side; the first ApiError ends it, and leaving early
+    closes them all (their engine rows are freed)."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for item in stream:
+                await q.put((i, item))
+        except ApiError as e:
+            await q.put((i, e))
+        finally:
+            await q.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await q.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, ApiError):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _collect(events, out: TextOut) -> list:
     return [item async for item in _choice(events, out)]
 
@@ -406,22 +438,21 @@ def build_app(server: Server) -> Starlette:
             for j in range(n):
                 yield _sse({**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]})
-            # choices stream one after another when n > 1 (each still batched with everything else)
-            try:
-                for j, req in enumerate(reqs):
-                    async for item in _choice(server._events(request, req), TextOut(tok(), stop)):
-                        if item[0] == "token":
-                            completion += 1
-                            lp = {"content": [lp_entry(item[2])]} if item[2] is not None else None
-                            if item[1] or lp:
-                                yield _sse({**base, "choices": [{"index": j, "delta": {"content": item[1]},
-                                                                 "logprobs": lp, "finish_reason": None}]})
-                        elif item[0] == "finish":
-                            if item[1]:
-                                yield _sse({**base, "choices": [{"index": j, "delta": {"content": item[1]},
-                                                                 "logprobs": None, "finish_reason": None}]})
-                            yield _sse({**base, "choices": [{"index": j, "delta": {}, "logprobs": None,
-                                                             "finish_reason": item[2]}]})
+            try:  # n > 1: the choices decode side by side, their chunks interleaved
+                async for j, item in _merged([_choice(server._events(request, req), TextOut(tok(), stop))
+                                              for req in reqs]):
+                    if item[0] == "token":
+                        completion += 1
+                        lp = {"content": [lp_entry(item[2])]} if item[2] is not None else None
+                        if item[1] or lp:
+                            yield _sse({**base, "choices": [{"index": j, "delta": {"content": item[1]},
+                                                             "logprobs": lp, "finish_reason": None}]})
+                    elif item[0] == "finish":
+                        if item[1]:
+                            yield _sse({**base, "choices": [{"index": j, "delta": {"content": item[1]},
+                                                             "logprobs": None, "finish_reason": None}]})
+                        yield _sse({**base, "choices": [{"index": j, "delta": {}, "logprobs": None,
+                                                         "finish_reason": item[2]}]})
             except ApiError as e:
                 yield _sse(json.loads(e.response().body))
                 return
@@ -508,21 +539,23 @@ def build_app(server: Server) -> Starlette:
         async def events():
             completion = 0
             base = {"id": rid, "object": "text_completion", "created": created, "model": model}
-            try:
-                for index, p, req in jobs:
-                    if echo:
+            try:  # every choice of every prompt decodes side by side, their chunks interleaved
+                if echo:
+                    for index, p, _ in jobs:
                         yield _sse({**base, "choices": [{"index": index, "text": tok().decode(p), "logprobs": None,
                                                          "finish_reason": None}]})
-                    async for item in _choice(server._events(request, req), TextOut(tok(), stop)):
-                        if item[0] == "token":
-                            completion += 1
-                            lp = None if k is None else logprob_block(
-                                [item[2]["token"]], [item[2]["logprob"]], [item[2].get("top") if k else None], 0)
-                            yield _sse({**base, "choices": [{"index": index, "text": item[1], "logprobs": lp,
-                                                             "finish_reason": None}]})
-                        elif item[0] == "finish":
-                            yield _sse({**base, "choices": [{"index": index, "text": item[1], "logprobs": None,
-                                                             "finish_reason": item[2]}]})
+                async for i, item in _merged([_choice(server._events(request, req), TextOut(tok(), stop))
+                                              for _, _, req in jobs]):
+                    index = jobs[i][0]
+                    if item[0] == "token":
+                        completion += 1
+                        lp = None if k is None else logprob_block(
+                            [item[2]["token"]], [item[2]["logprob"]], [item[2].get("top") if k else None], 0)
+                        yield _sse({**base, "choices": [{"index": index, "text": item[1], "logprobs": lp,
+                                                         "finish_reason": None}]})
+                    elif item[0] == "finish":
+                        yield _sse({**base, "choices": [{"index": index, "text": item[1], "logprobs": None,
+                                                         "finish_reason": item[2]}]})
             except ApiError as e:
                 yield _sse(json.loads(e.response().body))
                 return
