@@ -175,3 +175,28 @@ def test_a_failed_load_is_reported_not_loading_forever():
         assert r.status_code == 503 and r.json()["status"] == "error" and "out of memory" in r.json()["message"]
         r = c.post("/v1/completions", json={"model": "m", "prompt": "Hi"})
         assert r.status_code == 503 and "out of memory" in r.json()["error"]["message"]
+
+
+def test_health_is_503_while_loading_then_200():
+    from starlette.testclient import TestClient
+
+    from lmzoo.serve.api import Server, build_app
+
+    release = threading.Event()
+
+    def load():
+        release.wait(60)
+        raise lmzoo.LmzooError("stopped on purpose")
+
+    server = Server(load)
+    with TestClient(build_app(server)) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "loading", "message": None}
+        r = c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        release.set()
+        for _ in range(100):
+            if server.error:
+                break
+            time.sleep(0.01)
+        assert c.get("/health").json() == {"status": "error", "message": "stopped on purpose"}

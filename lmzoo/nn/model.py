@@ -308,8 +308,10 @@ class Decoder(nn.Module):
         return torch.stack([positions, block])
 
     def _masks(self, start, T, key_valid, prefix_len, device, B, n_virtual=0, cache=None):
-        """(mask, is_causal) for each kind of layer, keyed (sparse, windowed); masks are shared by
-        all layers of a kind, and mask=None with is_causal says SDPA's own causal mask does the job."""
+        """How each kind of layer attends, keyed (sparse, windowed) and shared by all layers of a kind:
+        (mask, is_causal) for SDPA, where mask=None with is_causal says SDPA's own causal mask does the
+        job (a rolling cache's mask reads its keys in ring order); or, over a whole sequence, a
+        LocalPlan that computes only the keys the pattern keeps (lmzoo.nn.local_attention)."""
         c = self.config
         prefix_end = None
         if prefix_len is not None:
