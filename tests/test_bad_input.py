@@ -113,7 +113,8 @@ def test_unsupported_gguf_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(lmzoo.LmzooError, match="GGUF architecture 'mamba' is not supported; supported: llama"):
+    with pytest.raises(lmzoo.LmzooError,
+                       match="GGUF architecture .mamba. is not supported; supported: llama, qwen2, gpt2, qwen"):
         lmzoo.load(tmp_path / "m.gguf")
 
 

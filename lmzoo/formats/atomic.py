@@ -48,12 +48,45 @@ def atomic_dir(out_dir: str | os.PathLike, *, keep_previous: str | None = None):
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """`with atomic_file(path) as tmp:` write the file tmp; on success it replaces path in one
+    step (a reader sees the old file or the new one, never a part); on failure path is untouched."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        remove_stale_temporaries(parent)
+    except OSError as e:
+        raise LmzooError(f"{path}: cannot write here: {e.strerror or e}") from None
+    tmp = os.path.join(parent, f"{_TMP}{os.getpid()}-{os.path.basename(path)}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise LmzooError(f"{path}: cannot write: {e.strerror or e}; the previous file, if any, is unchanged") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
 def remove_stale_temporaries(parent: str) -> None:
-    """Remove `.lmzoo-tmp-<pid>-*` directories whose process no longer runs (a killed run's)."""
+    """Remove `.lmzoo-tmp-<pid>-*` files and directories whose process no longer runs (a killed run's)."""
     for path in glob.glob(os.path.join(glob.escape(parent), _TMP + "*-*")):
         pid = os.path.basename(path)[len(_TMP):].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
 
 
 def _alive(pid: int) -> bool:

@@ -153,10 +153,15 @@ def load_gguf(path: str):
     from .tokenizer import Tokenizer
 
     file = read_gguf(path)
-    config = gguf_format.config_from_gguf(file.metadata, file.tensors.keys(), path)
-    state, unknown = to_ours(file.tensors, gguf_format.GGUF_LLAMA_NAMES, config)
-    model = build(config, state, path, gguf_format.GGUF_LLAMA_NAMES.their_name, unknown)
-    tok = Tokenizer.from_gguf_metadata(file.metadata, path) if "tokenizer.ggml.model" in file.metadata else None
+    arch, config = gguf_format.read_arch(file.metadata, file.tensors.keys(), path,
+                                         file.tensors.get("rope_freqs.weight"))
+    state, unknown = to_ours(gguf_format.prepare_tensors(arch, file.tensors), arch.names, config)
+    model = build(config, state, path, arch.names.their_name, unknown)
+    # Each weight's type in the file, so that writing GGUF again keeps a quantized model as it was.
+    read_as = {ours: file.tensor_types.get(gguf_format.stacked_name(arch.names.their_name(ours))) for ours in state}
+    model.gguf_types = {k: v for k, v in read_as.items() if v is not None}  # (q/k/v fused on load: none)
+    has_vocab = file.metadata.get("tokenizer.ggml.model") not in (None, "none", "no_vocab")
+    tok = Tokenizer.from_gguf_metadata(file.metadata, path) if has_vocab else None
     return model, tok
 
 

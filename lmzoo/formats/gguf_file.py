@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,8 +129,9 @@ def _check_magic(path: str) -> int:
     return size
 
 
-def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFFile:
-    """Parse `path`; with load_tensors=False only the header is read (no tensor data is touched)."""
+def read_gguf(path: str | os.PathLike, *, load_tensors: bool | Collection[str] = True) -> GGUFFile:
+    """Parse `path`; with load_tensors=False only the header is read (no tensor data is touched),
+    with a collection of names only those tensors (where the file has them)."""
     path = os.fspath(path)
     size = _check_magic(path)
     # A read-only memmap: the header is parsed from it, and tensor data is paged in only when loaded.
@@ -205,7 +207,9 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFFile
 
     tensors: dict[str, torch.Tensor] = {}
     if load_tensors:
-        for name, (qtype, shape, offset, n_bytes) in infos.items():
+        wanted = infos if load_tensors is True else [n for n in load_tensors if n in infos]
+        for name in wanted:
+            qtype, shape, offset, n_bytes = infos[name]
             tensors[name] = _dequantize(data, path, name, qtype, shape, data_start + offset, n_bytes)
     return GGUFFile(path=path, metadata=metadata, tensors=tensors,
                     tensor_types={n: i[0].name for n, i in infos.items()},

@@ -53,16 +53,16 @@ def format_that_expresses(c: Config) -> HFFormat:
         except (LmzooError, KeyError, TypeError, ValueError) as e:
             reasons.append(f"{fmt.model_type}: {e}")
             continue
-        if _comparable(back) == _comparable(c):
+        if comparable(back) == comparable(c):
             return fmt
-        lost = sorted(k for k, v in _comparable(c).items() if _comparable(back).get(k) != v)
+        lost = sorted(k for k, v in comparable(c).items() if comparable(back).get(k) != v)
         reasons.append(f"{fmt.model_type}: cannot say {', '.join(lost)}")
     own = [r for r in reasons if r.split(":")[0] in {f.model_type for f in candidates if f.family == c.family}]
     raise LmzooError(f"no Hugging Face format can express this {c.family} config"
                      + (f" ({'; '.join(own)})" if own else f" (supported model_types: {', '.join(FORMATS)})"))
 
 
-def _comparable(c: Config) -> dict:
+def comparable(c: Config) -> dict:
     d = c.to_dict()
     for k in ("family", "init_std", "scaled_residual_init"):
         d.pop(k)

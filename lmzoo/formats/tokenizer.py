@@ -41,6 +41,42 @@ _PRE_TOKENIZERS = {
 }
 
 
+def _pre_tokenizer(pre: str):
+    """(pre-tokenizer, normalizer) that llama.cpp's pre-tokenizer `pre` stands for."""
+    split, digits, nfc, _ = _PRE_TOKENIZERS[pre]
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    if split is None:  # GPT-2's regex is built into ByteLevel
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    return pre_tokenizers.Sequence(steps), normalizers.NFC() if nfc else None
+
+
+def _signature(spec: dict | None) -> list:
+    """What decides how a tokenizer.json pre-tokenizer (and normalizer) splits text, flattened."""
+    if not spec:
+        return []
+    if spec.get("type") == "Sequence":
+        return [s for step in spec.get("pretokenizers", spec.get("normalizers", [])) for s in _signature(step)]
+    pattern = spec.get("pattern")
+    return [(spec.get("type"), pattern.get("Regex", pattern.get("String")) if isinstance(pattern, dict) else None,
+             spec.get("individual_digits"), spec.get("use_regex"), spec.get("add_prefix_space"))]
+
+
+def _pre_tokenizer_name(spec: dict) -> str:
+    """The llama.cpp pre-tokenizer name whose splitting equals this tokenizer.json's (one of ours)."""
+    theirs = _signature(spec.get("pre_tokenizer")), _signature(spec.get("normalizer"))
+    for pre in _PRE_TOKENIZERS:
+        backend = _Backend(models.BPE({}, []))
+        backend.pre_tokenizer, backend.normalizer = _pre_tokenizer(pre)
+        mine = json.loads(backend.to_str())
+        if (_signature(mine["pre_tokenizer"]), _signature(mine["normalizer"])) == theirs:
+            return pre
+    raise LmzooError("this tokenizer's pre-tokenizer matches none that llama.cpp names "
+                     f"({', '.join(_PRE_TOKENIZERS)}), so it cannot be written to GGUF")
+
+
 def _byte_to_char() -> dict[int, str]:
     # GPT-2's reversible byte -> printable character table: printable Latin-1 bytes stand for themselves,
     # the 68 others are moved to U+0100 onwards in byte order, so that every token is printable text.
@@ -113,6 +149,7 @@ class Tokenizer:
         self._compiled = None
         self._controls: list[str] | None = None  # the control tokens' texts
         self._plain_backend = None  # the backend with special-token matching off (encode_plain)
+        self._gguf_vocab: dict | None = None  # the tokenizer.* keys of the GGUF file it came from
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
@@ -267,16 +304,9 @@ class Tokenizer:
             vocab.setdefault(token, index)
         merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
 
-        split, digits, nfc, ignore_merges = _PRE_TOKENIZERS[pre]
+        ignore_merges = _PRE_TOKENIZERS[pre][3]
         backend = _Backend(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=ignore_merges))
-        steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
-        if split is None:  # GPT-2's regex is built into ByteLevel
-            steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
-        else:
-            steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
-        backend.normalizer = normalizers.NFC() if nfc else None
+        backend.pre_tokenizer, backend.normalizer = _pre_tokenizer(pre)
         backend.decoder = decoders.ByteLevel()
 
         def token_at(key):
@@ -301,7 +331,61 @@ class Tokenizer:
         # llama.cpp's end-of-turn / end-of-message ids, when the converter recorded them.
         extra_stops = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
         extra_stops = [i for i in extra_stops if isinstance(i, int)]
-        return cls(backend, special, metadata.get("tokenizer.chat_template"), extra_stops)
+        tokenizer = cls(backend, special, metadata.get("tokenizer.chat_template"), extra_stops)
+        tokenizer._gguf_vocab = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
+        return tokenizer
+
+    def gguf_metadata(self, n_vocab: int | None = None) -> dict:
+        """The `tokenizer.*` keys of a GGUF file (llama.cpp's vocabulary): kept as read from a GGUF
+        file, or built from tokenizer.json for a byte-level BPE whose pre-tokenizer llama.cpp knows.
+        llama.cpp sizes the embedding by the token list, so a model whose vocabulary is padded past
+        the tokenizer's (n_vocab) gets "[PAD<id>]" tokens of type unused, as its converter writes."""
+        out = dict(self._gguf_vocab) if self._gguf_vocab is not None else self._gguf_vocab_from_json()
+        tokens = out["tokenizer.ggml.tokens"]
+        n_vocab = n_vocab or len(tokens)
+        if len(tokens) > n_vocab:
+            raise LmzooError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary only {n_vocab}")
+        if len(tokens) < n_vocab:
+            pad = range(len(tokens), n_vocab)
+            out["tokenizer.ggml.tokens"] = [*tokens, *(f"[PAD{i}]" for i in pad)]
+            if "tokenizer.ggml.token_type" in out:
+                out["tokenizer.ggml.token_type"] = [*out["tokenizer.ggml.token_type"], *(5 for _ in pad)]
+            if "tokenizer.ggml.scores" in out:
+                out["tokenizer.ggml.scores"] = [*out["tokenizer.ggml.scores"], *(-1000.0 for _ in pad)]
+        return out
+
+    def _gguf_vocab_from_json(self) -> dict:
+        spec = json.loads(self._backend.to_str())
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE" or not isinstance(spec.get("decoder"), dict) \
+                or spec["decoder"].get("type") != "ByteLevel":
+            raise LmzooError(f"this tokenizer ({model.get('type')} model, {(spec.get('decoder') or {}).get('type')} "
+                             "decoder) cannot be written to GGUF yet: lmzoo writes byte-level BPE vocabularies")
+        pre = _pre_tokenizer_name(spec)
+        tokens = [None] * self.vocab_size
+        for token, index in model["vocab"].items():
+            tokens[index] = token
+        types = [1] * self.vocab_size  # 1 normal, 3 control, 4 user-defined (llama.cpp's codes)
+        for index, added in self._backend.get_added_tokens_decoder().items():
+            tokens[index] = added.content
+            types[index] = 3 if added.special else 4
+        missing = [i for i, t in enumerate(tokens) if t is None]
+        if missing:
+            raise LmzooError(f"this tokenizer has no token for ids {missing[:5]}; a GGUF vocabulary lists every id")
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        out = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+               "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+               "tokenizer.ggml.add_bos_token": self.add_bos, "tokenizer.ggml.add_space_prefix": False}
+        for name, key in zip(_SPECIAL_NAMES, ("bos", "eos", "unknown", "padding"), strict=True):
+            index = self.token_to_id(self.special_tokens.get(name))
+            if index is not None:
+                out[f"tokenizer.ggml.{key}_token_id"] = index
+        turn_ends = [i for i in self.stop_ids if i != self.eos_id and i < self.vocab_size]
+        if turn_ends:
+            out["tokenizer.ggml.eot_token_id"] = turn_ends[0]
+        if self.chat_template:
+            out["tokenizer.chat_template"] = self.chat_template
+        return out
 
     def save(self, out_dir) -> None:
         """Write tokenizer.json and tokenizer_config.json, loadable by transformers' AutoTokenizer."""

@@ -43,8 +43,8 @@ def load_config(source: str | os.PathLike) -> Config:
         from ..formats.gguf import config_from_gguf
         from ..formats.gguf_file import read_gguf
 
-        file = read_gguf(source, load_tensors=False)  # the header: metadata and tensor names
-        return config_from_gguf(file.metadata, file.shapes.keys(), source)
+        file = read_gguf(source, load_tensors=["rope_freqs.weight"])  # the header, and Llama 3's rotary factors
+        return config_from_gguf(file.metadata, file.shapes.keys(), source, file.tensors.get("rope_freqs.weight"))
     if os.path.exists(source):
         raise LmzooError(f"{source}: expected a preset name, a Hugging Face model directory or a .gguf file")
     if os.sep in source or source.endswith(".gguf"):
