@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     _gguf_type_arg(p)
     p.set_defaults(run=cmd_merge)
 
+    p = sub.add_parser("convert-lora", help="write a LoRA adapter as a llama.cpp LoRA GGUF (applied unmerged: --lora)")
+    p.add_argument("base", help="its base model: preset, Hugging Face directory or .gguf file")
+    p.add_argument("adapter", help="adapter directory (PEFT format)")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", default="f32", choices=("f32", "f16", "bf16", "q8_0"))
+    p.set_defaults(run=cmd_convert_lora)
+
     p = sub.add_parser("demo", help="the main job: LoRA teaches the embedded model a task it fails")
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
     p.add_argument("--steps", type=int, default=40, help="LoRA steps of 8 examples (default 40)")
@@ -334,6 +341,16 @@ def cmd_merge(args) -> None:
         raise LmzooError(f"{args.adapter}: `lmzoo merge` merges LoRA adapters only")
     strip_lora(model)
     _save(model, tokenizer, args)
+
+
+def cmd_convert_lora(args) -> None:
+    from .formats.checkpoint import load
+    from .formats.gguf_write import save_lora_gguf
+
+    if not args.out.endswith(".gguf"):
+        raise LmzooError(f"{args.out}: a LoRA GGUF's name must end in .gguf")
+    model, _ = load(args.base, adapter=args.adapter)
+    print(f"wrote {save_lora_gguf(model, args.out, type=args.type)}")
 
 
 def cmd_demo(args) -> None:

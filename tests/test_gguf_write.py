@@ -198,3 +198,35 @@ def test_type_needs_a_gguf_output(tmp_path):
     run = lmzoo_cli("convert", "smollm2-135m", tmp_path / "out", "--type", "q4_0")
     assert run.returncode != 0 and "--type applies to GGUF output" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_convert_lora_writes_each_update_as_llama_cpp_applies_it(tmp_path):
+    """lmzoo convert-lora: per adapted matrix, alpha / rank * lora_b @ lora_a (rows back in lmzoo's
+    order) is the update lmzoo adds, rsLoRA's scale and per-slice adapters of a fused matrix included."""
+    from lmzoo.formats.gguf import unpermute
+    from lmzoo.peft import LoraConfig, add_lora
+    from lmzoo.peft.lora import lora_modules
+
+    for name, targets, rows in (("llama2-7b", ("q", "v"), {"q": lambda t, c: unpermute(t, c.n_heads)}),
+                                ("chatglm3-6b", ("q", "v", "down"), {})):
+        model = tiny(name)
+        add_lora(model, LoraConfig(r=4, alpha=8, targets=targets, rslora=True))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+        src = tmp_path / name
+        lmzoo.save_hf_dir(tiny(name), src / "base")
+        lmzoo.save_adapter(model, src / "adapter")
+        run = lmzoo_cli("convert-lora", src / "base", src / "adapter", src / "lora.gguf")
+        assert run.returncode == 0, run.stderr
+        file = read_gguf(src / "lora.gguf")
+        assert file.metadata["adapter.lora.alpha"] == 8.0
+        for module_name, m in lora_modules(model):
+            short = module_name.rsplit(".", 1)[-1]
+            block = module_name.split(".")[1]
+            theirs = {"q": "attn_q", "v": "attn_v", "qkv": "attn_qkv", "down": "ffn_down"}[short]
+            stem = f"blk.{block}.{theirs}.weight"
+            a, b = file.tensors[f"{stem}.lora_a"], file.tensors[f"{stem}.lora_b"]
+            b = rows.get(short, lambda t, c: t)(b, model.config)
+            torch.testing.assert_close(8.0 / b.shape[1] * b @ a, m.delta(), atol=1e-6, rtol=1e-5)

@@ -53,15 +53,25 @@ def save_gguf(model: Decoder, path: str | os.PathLike, tokenizer=None, *, type: 
     matrix_types = [q.name for n, (_, q) in encoded.items() if tensors[n].ndim >= 2]
     metadata = {
         "general.type": "model",
-        "general.name": name or os.path.splitext(os.path.basename(os.fspath(path)))[0],
+        "general.name": name or _stem_of(path),
         **arch_metadata(arch, fmt, config),
         "general.file_type": FILE_TYPES.get(max(set(matrix_types), key=matrix_types.count), 1),
         "general.quantization_version": gguf.GGML_QUANT_VERSION,
         **(tokenizer.gguf_metadata(config.vocab_size) if tokenizer is not None else {"tokenizer.ggml.model": "none"}),
     }
+    return _write(path, arch.name, metadata, encoded), dropped
+
+
+def _stem_of(path) -> str:
+    return os.path.splitext(os.path.basename(os.fspath(path)))[0]
+
+
+def _write(path, arch_name: str, metadata: dict, encoded: dict) -> str:
+    import gguf
+
     path = os.path.abspath(os.fspath(path))
     with atomic_file(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch.name)
+        writer = gguf.GGUFWriter(tmp, arch_name)
         for key, value in metadata.items():
             if key != "general.architecture":  # the writer adds it
                 _add(writer, key, value)
@@ -71,7 +81,52 @@ def save_gguf(model: Decoder, path: str | os.PathLike, tokenizer=None, *, type: 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return path, dropped
+    return path
+
+
+def save_lora_gguf(model: Decoder, path: str | os.PathLike, *, type: str = "f32",
+                   name: str | None = None) -> str:
+    """Write the LoRA adapters attached to `model` as a llama.cpp LoRA GGUF (what its
+    convert_lora_to_gguf.py writes), which `llama-cli --lora` applies to the base model's GGUF
+    unmerged: `<base tensor>.lora_a` [r, in] and `.lora_b` [out, r] per adapted matrix.
+
+    llama.cpp scales each update by adapter.lora.alpha / r, with r read from lora_b. lmzoo's scale
+    (alpha / r, or alpha / sqrt(r) for rsLoRA) and its per-slice adapters on fused matrices (q and
+    v of one q|k|v: A stacked, B block-diagonal, rank 2r) are folded into B, so the update is
+    the one lmzoo applies."""
+    import gguf
+
+    from ..peft.lora import lora_modules
+
+    if type not in ("f32", "f16", "bf16", "q8_0"):
+        raise LmzooError(f"a LoRA GGUF's type is one of f32, f16, bf16, q8_0 (llama.cpp's converter's); not {type!r}")
+    modules = lora_modules(model)
+    if not modules:
+        raise LmzooError("this model has no LoRA adapter to write")
+    if any(m.merged for _, m in modules):
+        raise LmzooError("the LoRA adapters are merged into the weights; unmerge them first")
+    arch, _, config, _ = arch_for(model.config)
+    alpha = float(model.lora_config.alpha)
+    a_parts, b_parts = {}, {}
+    for module_name, m in modules:
+        keys = [s or "all" for s in m.slices]
+        A = torch.cat([m.lora_A[k].detach().float() for k in keys])
+        r = m.lora_A[keys[0]].shape[0]
+        B = torch.zeros(m.out_features, len(keys) * r)
+        for i, (key, (start, rows)) in enumerate(zip(keys, m.slices.values(), strict=True)):
+            B[start:start + rows, i * r:(i + 1) * r] = m.lora_B[key].detach().float()
+        B *= m.scale * B.shape[1] / alpha  # llama.cpp multiplies by alpha / rank
+        theirs, transform = arch.names.theirs(f"{module_name}.weight")
+        if theirs is None:
+            raise LmzooError(f"the LoRA on {module_name} has no llama.cpp tensor to adapt")
+        a_parts[theirs] = A
+        b_parts[theirs] = transform(B, config) if transform else B  # q/k rows permuted as the base's
+    tensors = {**{f"{n}.lora_a": t for n, t in stack_experts(a_parts).items()},
+               **{f"{n}.lora_b": t for n, t in stack_experts(b_parts).items()}}
+    encoded = {n: _encode(t, n, TYPES[type]) for n, t in tensors.items()}
+    metadata = {"general.type": "adapter", "general.name": name or _stem_of(path), "adapter.type": "lora",
+                "adapter.lora.alpha": alpha, "general.quantization_version": gguf.GGML_QUANT_VERSION}
+    return _write(path, arch.name, metadata, encoded)
 
 
 def _encode(t: torch.Tensor, name: str, type_name: str):

@@ -269,3 +269,39 @@ def test_embedded_model_round_trip_runs_in_llama_cpp(tmp_path):
     path, _ = save_gguf(model, tmp_path / "smollm2.gguf", tokenizer)
     prompt = tokenizer.encode("The capital of France is")
     assert _llama_cpp_greedy(path, prompt, 12) == _llama_cpp_greedy(lmzoo.default_model_path(), prompt, 12)
+
+
+# ----------------------------------------------------------------------------- LoRA, merged and not
+@pytest.mark.parametrize("name, targets", [("llama", ("q", "k", "v", "o", "down")), ("chatglm3", ("q", "v", "down"))])
+def test_lora_gguf_and_merged_gguf_match_lmzoo_in_llama_cpp(name, targets, hf_dirs, tmp_path):
+    """llama.cpp applies lmzoo's LoRA GGUF to the base unmerged (--lora), and runs the merged GGUF
+    `lmzoo merge` writes: both as lmzoo with the adapter. chatglm3's q|k|v is one matrix, so its q
+    and v adapters are slices of it (one stacked A, a block-diagonal B); llama's q and k rows are
+    permuted for llama.cpp's rotary, in B as in the weight."""
+    from lmzoo.formats.gguf_write import save_lora_gguf
+    from lmzoo.peft import LoraConfig, add_lora, strip_lora
+
+    model, tokenizer = _lmzoo_model(name, hf_dirs)
+    base, _ = save_gguf(model, tmp_path / "base.gguf", tokenizer, type="f32")
+    add_lora(model, LoraConfig(r=4, alpha=8, targets=targets, rslora=name == "chatglm3"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    lora = save_lora_gguf(model, tmp_path / "lora.gguf")
+    meta = read_gguf(lora, load_tensors=False).metadata
+    assert (meta["general.type"], meta["adapter.type"]) == ("adapter", "lora")
+    ids = _ids()[0].tolist()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].numpy()
+    llm = _llama_cpp().Llama(base, lora_path=lora, n_ctx=128, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm.eval(ids)
+    np.testing.assert_allclose(np.array(llm.scores[: len(ids)]), ours, atol=1e-3, rtol=0)
+    with torch.no_grad():
+        base_logits = lmzoo.load(base)[0](torch.tensor([ids]))[0].numpy()
+    assert np.abs(base_logits - ours).max() > 0.1  # the adapter changes the model: the match above means something
+
+    want = _greedy(_lmzoo_last(model), ids[:8], 8)
+    strip_lora(model)
+    merged, _ = save_gguf(model, tmp_path / "merged.gguf", tokenizer, type="f32")
+    assert _llama_cpp_greedy(merged, ids[:8], 8) == want
