@@ -38,6 +38,9 @@ _PRE_TOKENIZERS = {
     "llama-bpe": (_LLAMA3_SPLIT, False, False, True),
     "llama3": (_LLAMA3_SPLIT, False, False, True),
     "qwen2": (_QWEN2_SPLIT, False, True, False),
+    # GLM-4's: Llama 3's split; glm4 (GLM-4-0414, GLM-4.5) also ignores merges, chatglm-bpe (GLM-4-9B) does not
+    "glm4": (_LLAMA3_SPLIT, False, False, True),
+    "chatglm-bpe": (_LLAMA3_SPLIT, False, False, False),
 }
 
 
@@ -66,12 +69,13 @@ def _signature(spec: dict | None) -> list:
 
 def _pre_tokenizer_name(spec: dict) -> str:
     """The llama.cpp pre-tokenizer name whose splitting equals this tokenizer.json's (one of ours)."""
-    theirs = _signature(spec.get("pre_tokenizer")), _signature(spec.get("normalizer"))
-    for pre in _PRE_TOKENIZERS:
+    theirs = (_signature(spec.get("pre_tokenizer")), _signature(spec.get("normalizer")),
+              bool((spec.get("model") or {}).get("ignore_merges", False)))
+    for pre, (_, _, _, ignore_merges) in _PRE_TOKENIZERS.items():
         backend = _Backend(models.BPE({}, []))
         backend.pre_tokenizer, backend.normalizer = _pre_tokenizer(pre)
         mine = json.loads(backend.to_str())
-        if (_signature(mine["pre_tokenizer"]), _signature(mine["normalizer"])) == theirs:
+        if (_signature(mine["pre_tokenizer"]), _signature(mine["normalizer"]), ignore_merges) == theirs:
             return pre
     raise LmzooError("this tokenizer's pre-tokenizer matches none that llama.cpp names "
                      f"({', '.join(_PRE_TOKENIZERS)}), so it cannot be written to GGUF")
