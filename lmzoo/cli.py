@@ -163,8 +163,14 @@ def _version() -> str:
 
 def _load(args, inference: bool = True):
     from .formats.checkpoint import load
+    from .infer.gguf_quant import keeps_quantized, load_gguf_quantized
 
-    model, tokenizer = load(args.source, dtype=args.dtype, device=args.device, adapter=getattr(args, "adapter", None))
+    if inference and keeps_quantized(args.source, args.dtype, args.device, getattr(args, "quantize", None),
+                                     getattr(args, "adapter", None)):
+        model, tokenizer = load_gguf_quantized(args.source)
+    else:
+        model, tokenizer = load(args.source, dtype=args.dtype, device=args.device,
+                                adapter=getattr(args, "adapter", None))
     if not inference:
         return model, tokenizer
     from .infer.prepare import prepare_for_inference

@@ -124,6 +124,16 @@ def available_memory_bytes() -> int | None:
 
 def build(config: Config, state: dict[str, torch.Tensor], source: str, theirs, unknown=()) -> Decoder:
     """A model holding exactly `state` (our names), after checking it against the config."""
+    model = _checked_meta_model(config, state, source, theirs, unknown)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    return model
+
+
+def _checked_meta_model(config: Config, state: dict, source: str, theirs, unknown=()) -> Decoder:
+    """A weightless (meta) model of `config`, once `state` (our names; meta tensors will do) is
+    checked to hold exactly its tensors with their shapes."""
     with torch.device("meta"), no_random_init():  # every weight comes from `state`
         model = Decoder(config)
     expected = dict(model.state_dict())
@@ -131,10 +141,14 @@ def build(config: Config, state: dict[str, torch.Tensor], source: str, theirs, u
         expected.pop("lm_head.weight")
         state.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
     check_state_dict({k: tuple(v.shape) for k, v in state.items()}, expected, source, theirs, unknown)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
     return model
+
+
+def build_meta_checked(config: Config, file_tensors: dict, arch, source: str) -> Decoder:
+    """For a GGUF file's tensors (meta tensors of their shapes will do): the meta model they fill,
+    once checked as load_gguf checks them, for a loader that fills it in its own way."""
+    state, unknown = to_ours(gguf_format.prepare_tensors(arch, file_tensors), arch.names, config)
+    return _checked_meta_model(config, state, source, arch.names.their_name, unknown)
 
 
 def load_hf_dir(path: str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,24 @@ class GGUFFile:
     tensor_types: dict[str, str]  # tensor name -> ggml type name, e.g. "Q4_1"
     # PyTorch-orientation shapes, filled even when load_tensors=False (e.g. to size a model).
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # where each tensor's bytes are: name -> (ggml type, shape, absolute offset, byte count); and the map
+    _infos: dict = field(default_factory=dict, repr=False)
+    _data: Any = field(default=None, repr=False)
+
+    def raw(self, name: str) -> torch.Tensor:
+        """A tensor's bytes as ggml stores them, uint8 [*shape[:-1], bytes per row] (a view of the
+        file: nothing is read until used). Blocks run along rows, so row operations are exact."""
+        qtype, shape, start, n_bytes = self._infos[name]
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        row_bytes = shape[-1] // block * type_size
+        with warnings.catch_warnings():  # a read-only view of the map, never written to
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(self._data[start:start + n_bytes].reshape(*shape[:-1], row_bytes))
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """One tensor as float32, read now (the others stay on disk)."""
+        qtype, shape, start, n_bytes = self._infos[name]
+        return _dequantize(self._data, self.path, name, qtype, shape, start, n_bytes)
 
 
 class _Cursor:
@@ -213,7 +232,10 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool | Collection[str] =
             tensors[name] = _dequantize(data, path, name, qtype, shape, data_start + offset, n_bytes)
     return GGUFFile(path=path, metadata=metadata, tensors=tensors,
                     tensor_types={n: i[0].name for n, i in infos.items()},
-                    shapes={n: i[1] for n, i in infos.items()})
+                    shapes={n: i[1] for n, i in infos.items()},
+                    _infos={n: (q, shape, data_start + offset, n_bytes)
+                            for n, (q, shape, offset, n_bytes) in infos.items()},
+                    _data=data)
 
 
 def _dequantize(buf: np.ndarray, path: str, name: str, qtype: GGMLQuantizationType,
@@ -233,6 +255,17 @@ def _dequantize(buf: np.ndarray, path: str, name: str, qtype: GGMLQuantizationTy
     if not out.flags.writeable:  # F32 comes back as a view of the read-only memmap: detach it
         out = out.copy()
     return torch.from_numpy(out)
+
+
+def dequantize_rows(raw: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Rows of ggml bytes [..., bytes per row] (as GGUFFile.raw gives them) -> float32 [..., row]."""
+    qtype = GGMLQuantizationType[type_name]
+    if type_name not in SUPPORTED_TYPES:
+        raise LmzooError(f"type {type_name} cannot be dequantized; supported types: {', '.join(SUPPORTED_TYPES)}")
+    data = raw.contiguous().numpy()
+    fast = _BLOCK_DEQUANTIZERS.get(type_name)
+    out = fast(data) if fast else dequantize(data, qtype)
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(*raw.shape[:-1], -1))
 
 
 # The three commonest block types, dequantized over a structured view of the whole tensor: the

@@ -32,7 +32,7 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, compute_dtype=torch.bfloat16):
         super().__init__()
         w = linear.weight.detach().float()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
         self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(compute_dtype))
@@ -52,21 +52,28 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """y = x W^T + b with W in 4-bit groups of `group_size` input columns, packed for the kernel."""
 
-    def __init__(self, linear: nn.Linear, group_size: int = 32, compute_dtype=torch.bfloat16):
+    def __init__(self, linear: nn.Linear | None, group_size: int = 32, compute_dtype=torch.bfloat16, *, parts=None):
+        """From a float nn.Linear (min/max per group), or from `parts` = (q int [n, k] in 0..15,
+        scale [n, k/gs], zero [n, k/gs], bias or None) already quantized (a GGUF file's Q4 blocks)."""
         super().__init__()
-        n, k = linear.out_features, linear.in_features
-        if k % group_size:
-            raise LmzooError(f"int4: in_features={k} is not a multiple of group_size={group_size}")
+        if parts is None:
+            n, k = linear.out_features, linear.in_features
+            if k % group_size:
+                raise LmzooError(f"int4: in_features={k} is not a multiple of group_size={group_size}")
+            w = linear.weight.detach().float().reshape(n, k // group_size, group_size)
+            lo, hi = w.amin(-1), w.amax(-1)
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            q = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+            zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+            bias, device = linear.bias, linear.weight.device
+        else:
+            q, scale, zero, bias = parts
+            (n, k), device = q.shape, q.device
         self.in_features, self.out_features, self.group_size = k, n, group_size
-        w = linear.weight.detach().float().reshape(n, k // group_size, group_size)
-        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-        zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        self.register_buffer("scales_zeros", torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1)
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], -1)
                              .transpose(0, 1).contiguous().to(compute_dtype))  # [k/gs, n, 2]
-        self.register_buffer("packed", _pack_int4(q, linear.weight.device))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("packed", _pack_int4(q.to(torch.int32), device))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.compute_dtype = compute_dtype
 
     def dequantized(self) -> torch.Tensor:

@@ -53,10 +53,14 @@ def loader(args, adapters):
 
         from ..formats.checkpoint import load as load_model
         from ..formats.peft import SLICED, load_adapter, read_adapter_config
+        from ..infer.gguf_quant import keeps_quantized, load_gguf_quantized
         from ..infer.prepare import prepare_for_inference
         from .engine import Engine
 
-        base, tokenizer = load_model(args.source, dtype=args.dtype, device=args.device)
+        if keeps_quantized(args.source, args.dtype, args.device, args.quantize, adapters or None):
+            base, tokenizer = load_gguf_quantized(args.source)
+        else:
+            base, tokenizer = load_model(args.source, dtype=args.dtype, device=args.device)
         if tokenizer is None:
             raise LmzooError(f"{args.source}: no tokenizer found; the server needs one")
         base_name = args.name or (os.path.basename(os.path.normpath(args.source)) if args.source

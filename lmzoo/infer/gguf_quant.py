@@ -1,0 +1,155 @@
+"""Load a quantized GGUF file for inference with its weights kept quantized: never fp32 first.
+
+A 4-bit GGUF block (Q4_0, Q4_1: 32 weights, a float16 scale, and for Q4_1 a float16 minimum)
+is exactly one group of lmzoo's int4 layer (lmzoo.infer.quant.Int4Linear), whose kernel
+computes (q - 8) * scale + zero:
+
+    Q4_0: w = d * (q - 8)   ->  scale = d, zero = 0
+    Q4_1: w = d * q + m     ->  scale = d, zero = m + 8 d
+
+so those matrices go from the file's bytes to the packed int4 layout directly (the scales
+rounded to bf16, the kernel's type). Any other type (Q8_0, the K-quants, F16, ...) is
+dequantized one matrix at a time and kept as int8 per output row (Int8Linear): 8 bits, and
+no more float memory than one matrix needs. Embeddings and norms are float32. Rows are
+whole in every ggml type, so llama.cpp's q/k row permutation, stacked experts and q|k|v
+fusion are applied to the blocks themselves, by the same functions that load a float model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LmzooError
+from ..formats import gguf as gguf_format
+from ..formats.checkpoint import build_meta_checked
+from ..formats.gguf_file import dequantize_rows, read_gguf
+from ..formats.names import to_ours
+from ..nn.linear import is_plain_linear
+from .fuse import fuse_projections
+from .quant import Int4Linear, Int8Linear
+
+FOUR_BIT = ("Q4_0", "Q4_1")
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
+
+
+def q4_parts(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q4_1 rows of bytes [n, blocks * size] -> (q [n, k] in 0..15, scale, zero [n, blocks])."""
+    n = raw.shape[0]
+    blocks = raw.reshape(n, -1, _BLOCK_BYTES[qtype])
+    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
+    if qtype == "Q4_1":
+        m = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+        qs, zero = blocks[..., 4:], m + 8 * d
+    else:
+        qs, zero = blocks[..., 2:], torch.zeros_like(d)
+    # each block's 32 values: the low nibbles are values 0-15, the high ones 16-31
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, -1)
+    return q.to(torch.int32), d, zero
+
+
+def keeps_quantized(source, dtype, device, quantize, adapter) -> bool:
+    """Whether an inference command runs a GGUF file's matrices as they are stored (4-bit blocks
+    as int4, others as int8: lmzoo.infer.gguf_quant) rather than dequantized to float: for a
+    .gguf source (the embedded model is one) on the CPU, unless --dtype, --quantize or an adapter
+    (which needs float weights to fold into) asks for floats."""
+    is_gguf = source is None or str(source).endswith(".gguf")
+    return is_gguf and dtype is None and quantize is None and adapter is None and device in (None, "cpu")
+
+
+def load_gguf_quantized(path: str | None = None):
+    """(model, tokenizer) for inference, its matrices 4- or 8-bit as described above (path None:
+    the embedded model)."""
+    from ..formats.checkpoint import default_model_path
+    from ..formats.tokenizer import Tokenizer
+
+    path = path or default_model_path()
+    file = read_gguf(path, load_tensors=False)
+    rope = file.dequantized("rope_freqs.weight") if "rope_freqs.weight" in file.shapes else None
+    arch, config = gguf_format.read_arch(file.metadata, file.shapes.keys(), path, rope)
+    model = build_meta_checked(config, {n: torch.empty(s, device="meta") for n, s in file.shapes.items()},
+                               arch, path)
+    matrices = [n for n, s in file.shapes.items() if len(s) >= 2]
+    raw = to_ours(gguf_format.prepare_tensors(arch, {n: file.raw(n) for n in matrices}), arch.names, config)[0]
+    kinds = {ours: file.tensor_types.get(gguf_format.stacked_name(arch.names.their_name(ours)),
+                                         _fused_type(file, arch, ours)) for ours in raw}
+    vectors = [n for n, s in file.shapes.items() if len(s) < 2 and n != "rope_freqs.weight"]
+    floats = to_ours(gguf_format.prepare_tensors(arch, {n: file.dequantized(n) for n in vectors}),
+                     arch.names, config)[0]
+
+    done: dict[str, torch.Tensor] = {}
+
+    def dequantized(ours: str) -> torch.Tensor:
+        if ours == "tok_emb.weight":  # a tied head reads it too: dequantize once
+            if ours not in done:
+                done[ours] = dequantize_rows(raw[ours], kinds[ours])
+            return done[ours]
+        return dequantize_rows(raw[ours], kinds[ours])
+
+    fuse_projections(model)  # on the meta model: q|k|v and gate|up become one module each
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if not is_plain_linear(module):
+                continue
+            parts = _parts(name, model)  # our unfused weight names, in row order
+            bias = _bias(name, parts, floats)
+            if name == "lm_head" and config.tie_embeddings:
+                new = Int8Linear(_Weight(dequantized("tok_emb.weight")))
+            elif name.endswith("router"):  # routing scores pick the experts: kept exact, as quantize() does
+                new = nn.Linear(module.in_features, module.out_features, bias=False)
+                new.weight.copy_(torch.cat([dequantized(p) for p in parts]))
+            elif all(kinds[p] in FOUR_BIT for p in parts) and module.out_features % 16 == 0:  # the kernel's tiles
+                qs, scales, zeros = zip(*(q4_parts(raw[p], kinds[p]) for p in parts), strict=True)
+                new = Int4Linear(None, parts=(torch.cat(qs), torch.cat(scales), torch.cat(zeros), bias))
+            else:
+                new = Int8Linear(_Weight(torch.cat([dequantized(p) for p in parts]), bias))
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, new)
+        for name, p in list(model.named_parameters()):  # what is left: embeddings, norms (float32)
+            if p.is_meta:
+                value = floats[name] if name in floats else dequantized(name)
+                _assign(model, name, nn.Parameter(value.float(), requires_grad=False))
+    model.quantized = "gguf"
+    has_vocab = file.metadata.get("tokenizer.ggml.model") not in (None, "none", "no_vocab")
+    return model.eval(), Tokenizer.from_gguf_metadata(file.metadata, path) if has_vocab else None
+
+
+class _Weight:
+    """What Int8Linear reads from an nn.Linear: a weight and a bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+
+
+def _fused_type(file, arch, ours: str) -> str:
+    """A matrix fused on load (a chatglm file's separate q, k, v): the type its parts share."""
+    stem = arch.names.their_name(ours).replace("attn_qkv", "attn_q")
+    kinds = {file.tensor_types.get(stem.replace("attn_q", f"attn_{p}")) for p in "qkv"}
+    if len(kinds) != 1:
+        raise LmzooError(f"{file.path}: q, k and v of {stem} have different types {sorted(map(str, kinds))}; "
+                         "load it with dtype=float32")
+    return kinds.pop()
+
+
+def _parts(name: str, model) -> list[str]:
+    short = name.rsplit(".", 1)[-1]
+    prefix = name[: -len(short)]
+    if short == "qkv" and not model.config.fused_qkv:
+        return [f"{prefix}{p}.weight" for p in "qkv"]
+    if short == "gate_up" and not model.config.fused_gate_up:
+        return [f"{prefix}{p}.weight" for p in ("gate", "up")]
+    return [f"{name}.weight"]
+
+
+def _bias(name: str, parts: list[str], floats: dict) -> torch.Tensor | None:
+    biases = [floats.get(p.removesuffix("weight") + "bias") for p in parts]
+    if all(b is None for b in biases):
+        return None
+    if any(b is None for b in biases):
+        raise LmzooError(f"{name}: some of its parts have a bias and some do not")
+    return torch.cat(biases)
+
+
+def _assign(model, name: str, value) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, value)
