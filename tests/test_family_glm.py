@@ -437,3 +437,37 @@ def test_what_chatglm_cannot_write_is_an_error(field, value, message):
     c = lmzoo.preset("glm4-9b").replace(**{field: value})
     with pytest.raises(lmzoo.LmzooError, match=message):
         hf_glm.write_chatglm_config(c)
+
+
+def thudm_rope_32k(x, positions, head_dim, rope_ratio):
+    """ChatGLM2-6B-32K's own RotaryEmbedding: base 10000, positions divided by rope_ratio."""
+    return thudm_rope(x, positions.float() / rope_ratio, head_dim, 1)
+
+
+def test_chatglm2_32k_rope_ratio_divides_the_positions(tmp_path):
+    """THUDM/chatglm2-6b-32k's code interpolates positions by rope_ratio; ChatGLM3/GLM-4's multiplies the
+    base. config.json tells them apart by the repository it names; lmzoo reads each as its code does,
+    and writes the 32K meaning back with its name and remote code."""
+    hd, T = 16, 40
+    x = torch.randn(2, T, 3, hd)
+    hf = chatglm_config("glm4-gqa-rope-ratio-500")
+    hf.update(rope_ratio=16, _name_or_path="THUDM/chatglm2-6b-32k")
+    c = Config(**hf_glm.read_chatglm_config(hf))
+    assert (c.rope_scaling, c.rope_factor, c.rope_base) == ("linear", 16.0, 10000.0)
+    ours = apply_rope(x, rope_tables(c, torch.arange(T).expand(2, T)), c.rope_pairing)
+    torch.testing.assert_close(ours, thudm_rope_32k(x, torch.arange(T), hd, 16), atol=1e-6, rtol=0)
+    assert not torch.allclose(ours, thudm_rope(x, torch.arange(T), hd, 16), atol=1e-3)  # the other meaning
+    c3 = Config(**hf_glm.read_chatglm_config({**hf, "_name_or_path": "THUDM/chatglm3-6b-32k"}))
+    assert (c3.rope_scaling, c3.rope_base) == (None, 160000.0)
+    written = hf_glm.write_chatglm_config(c)
+    assert (written["rope_ratio"], written["_name_or_path"]) == (16, "THUDM/chatglm2-6b-32k")
+    assert "chatglm2-6b-32k" in hf_glm.chatglm_remote_code(c)["auto_map"]["AutoModelForCausalLM"]
+    assert Config(**hf_glm.read_chatglm_config({**hf, **written})) == c
+    # and through GGUF: llama.cpp's linear rope scaling, the same positions
+    from lmzoo.formats.gguf_write import save_gguf
+
+    torch.manual_seed(0)
+    model = lmzoo.from_config(c.replace(vocab_size=VOCAB, n_layers=2, d_model=64, n_heads=4, head_dim=hd))
+    path, _ = save_gguf(model, tmp_path / "m.gguf", type="f32")
+    back, _ = lmzoo.load(path)
+    assert (back.config.rope_scaling, back.config.rope_factor) == ("linear", 16.0)

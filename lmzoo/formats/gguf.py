@@ -244,8 +244,11 @@ def _qwen_to_hf(meta: dict, names: set) -> dict:
 def _chatglm_to_hf(meta: dict, names: set) -> dict:
     d, heads = _number(meta, "embedding_length"), _number(meta, "attention.head_count")
     rotated = meta.get("rope.dimension_count", d // heads // 2)
-    return {"multi_query_attention": True, "kv_channels": 2 * rotated,
-            "rope_ratio": meta.get("rope.freq_base", 10000.0) / 10000.0,
+    # llama.cpp's linear scaling divides the positions: ChatGLM2-6B-32K's meaning of rope_ratio
+    interpolated = meta.get("rope.scaling.type") == "linear"
+    ratio = _number(meta, "rope.scaling.factor") if interpolated else meta.get("rope.freq_base", 10000.0) / 10000.0
+    return {"multi_query_attention": True, "kv_channels": 2 * rotated, "rope_ratio": ratio,
+            **({"_name_or_path": "THUDM/chatglm2-6b-32k"} if interpolated else {}),
             "add_qkv_bias": "blk.0.attn_qkv.bias" in names or "blk.0.attn_q.bias" in names,
             "add_bias_linear": "blk.0.attn_output.bias" in names,
             "rmsnorm": "output_norm.bias" not in names, "post_layer_norm": "output_norm.weight" in names}
@@ -287,7 +290,9 @@ ARCHES += [
          "attention.head_count_kv": "multi_query_group_num", "attention.layer_norm_rms_epsilon": "layernorm_epsilon"},
         ("context_length", "embedding_length", "block_count", "attention.layer_norm_rms_epsilon"),
         extra_to_hf=_chatglm_to_hf,
-        extra_from_hf=lambda hf, c: {"rope.dimension_count": c.head_size // 2, "rope.freq_base": float(c.rope_base)},
+        extra_from_hf=lambda hf, c: {"rope.dimension_count": c.head_size // 2, "rope.freq_base": float(c.rope_base),
+                                     **({"rope.scaling.type": "linear", "rope.scaling.factor": float(c.rope_factor)}
+                                        if c.rope_scaling == "linear" else {})},
         vocab_field="padded_vocab_size",
         # transformers' glm is the same model with q, k, v apart, which llama.cpp's chatglm also reads
         also={"glm": lambda c: c.replace(fused_qkv=True, family="chatglm")},

@@ -13,9 +13,10 @@ the format means:
   runs identically.
 - Rotary on the first kv_channels // 2 dims of each head, pairs (2i, 2i+1) interleaved, base
   10000 * rope_ratio (ChatGLM3 and GLM-4 code; rope_ratio is absent, i.e. 1, for ChatGLM2-6B).
-  Caveat: ChatGLM2-6B-32K's own code read rope_ratio as position interpolation (positions /
-  rope_ratio) instead; config.json does not say which code it was written for, and lmzoo reads
-  the ChatGLM3/GLM-4 meaning. `original_rope` is stored by THUDM's RotaryEmbedding but never read.
+  ChatGLM2-6B-32K's own code reads rope_ratio as position interpolation instead (positions /
+  rope_ratio, base 10000: lmzoo's rope_scaling='linear'); its config.json says so only by naming
+  that repository (_name_or_path or auto_map), which lmzoo reads, and writes back with such a
+  model. `original_rope` is stored by THUDM's RotaryEmbedding but never read.
 - dense_h_to_4h is gate | up (first half through SiLU); dense_4h_to_h is down.
 - `add_bias_linear` puts a bias on every Linear (o and the MLP too); `add_qkv_bias` on q|k|v only.
 - The output layer (transformer.output_layer) is never tied to the embedding by THUDM's code,
@@ -48,6 +49,13 @@ from .names import Mapped, NameTable
 # modeling_chatglm.py reads every field written below, rope_ratio included.
 REMOTE_CODE_REPO = "THUDM/glm-4-9b-chat"
 ROPE_BASE = 10000.0  # THUDM's RotaryEmbedding: base = 10000 * rope_ratio
+INTERPOLATING_REPO = "THUDM/chatglm2-6b-32k"  # whose code divides the positions by rope_ratio instead
+
+
+def interpolates_positions(hf: dict) -> bool:
+    """Whether config.json is ChatGLM2-6B-32K's, whose rope_ratio divides the positions."""
+    marks = [hf.get("_name_or_path")] + list((hf.get("auto_map") or {}).values())
+    return any(isinstance(m, str) and INTERPOLATING_REPO.split("/")[1] in m.lower() for m in marks)
 
 
 def grouped_qkv(hf: dict) -> bool:
@@ -94,8 +102,9 @@ def read_chatglm_config(hf: dict, source: str = "config.json") -> dict:
         norm_eps=float(hf.get("layernorm_epsilon", 1e-5)),
         norm_position="deepnorm" if hf.get("apply_residual_connection_post_layernorm", False) else "pre",
         residual_scale=1.0, final_norm=bool(hf.get("post_layer_norm", True)),
-        positions="rope", rope_base=ROPE_BASE * float(rope_ratio), rope_fraction=0.5,
-        rope_pairing="interleaved",
+        positions="rope", rope_fraction=0.5, rope_pairing="interleaved",
+        **({"rope_base": ROPE_BASE, "rope_scaling": "linear", "rope_factor": float(rope_ratio)}
+           if interpolates_positions(hf) and rope_ratio != 1 else {"rope_base": ROPE_BASE * float(rope_ratio)}),
         fused_qkv=True, qkv_bias=bias_linear or bool(hf.get("add_qkv_bias", False)), o_bias=bias_linear,
         mlp="swiglu", activation="silu", mlp_bias=bias_linear, fused_gate_up=True, tie_embeddings=False,
     )
@@ -129,9 +138,11 @@ def write_chatglm_config(c: Config) -> dict:
     if c.norm_bias != (c.norm == "layernorm"):
         raise _cannot(fmt, f"Config.norm={c.norm!r} with norm_bias={c.norm_bias} (its LayerNorm has a bias, "
                            "its RMSNorm none)")
-    if c.rope_fraction != 0.5 or c.rope_scaling is not None or c.head_size % 4:
+    interpolated = c.rope_scaling == "linear" and c.rope_base == ROPE_BASE  # ChatGLM2-6B-32K's meaning
+    if c.rope_fraction != 0.5 or (c.rope_scaling is not None and not interpolated) or c.head_size % 4:
         raise _cannot(fmt, f"rotary with rope_fraction={c.rope_fraction}, rope_scaling={c.rope_scaling!r}, "
-                           f"head_dim={c.head_size} (it rotates half of a head_dim divisible by 4, unscaled)")
+                           f"head_dim={c.head_size} (it rotates half of a head_dim divisible by 4, unscaled, "
+                           "or with positions interpolated from base 10000 as ChatGLM2-6B-32K)")
     if not c.fused_qkv or c.activation != "silu":
         raise _cannot(fmt, f"Config.fused_qkv={c.fused_qkv}, activation={c.activation!r}")
     if c.o_bias != c.mlp_bias or (c.o_bias and not c.qkv_bias):
@@ -146,6 +157,7 @@ def write_chatglm_config(c: Config) -> dict:
         layernorm_epsilon=c.norm_eps, rmsnorm=c.norm == "rmsnorm", add_bias_linear=c.o_bias,
         add_qkv_bias=c.qkv_bias, apply_residual_connection_post_layernorm=c.norm_position == "deepnorm",
         post_layer_norm=c.final_norm, rope_ratio=_rope_ratio(c), original_rope=True,
+        **({"_name_or_path": INTERPOLATING_REPO} if c.rope_scaling == "linear" else {}),
         tie_word_embeddings=False, quantization_bit=0, pre_seq_len=None, prefix_projection=False,
         hidden_dropout=0.0, attention_dropout=0.0, apply_query_key_layer_scaling=True,
         attention_softmax_in_fp32=True, fp32_residual_connection=False, use_cache=True,
@@ -153,7 +165,7 @@ def write_chatglm_config(c: Config) -> dict:
 
 
 def _rope_ratio(c: Config) -> float | int:
-    ratio = c.rope_base / ROPE_BASE
+    ratio = c.rope_factor if c.rope_scaling == "linear" else c.rope_base / ROPE_BASE
     return int(ratio) if ratio.is_integer() else ratio  # 500, as the published configs write it
 
 
@@ -163,9 +175,10 @@ def write_per_head_config(c: Config) -> dict:
 
 
 def chatglm_remote_code(c: Config) -> dict:
-    model = f"{REMOTE_CODE_REPO}--modeling_chatglm.ChatGLMForConditionalGeneration"
+    repo = INTERPOLATING_REPO if c.rope_scaling == "linear" else REMOTE_CODE_REPO  # the code that reads it so
+    model = f"{repo}--modeling_chatglm.ChatGLMForConditionalGeneration"
     return {"auto_map": {
-        "AutoConfig": f"{REMOTE_CODE_REPO}--configuration_chatglm.ChatGLMConfig",
+        "AutoConfig": f"{repo}--configuration_chatglm.ChatGLMConfig",
         "AutoModel": model, "AutoModelForCausalLM": model, "AutoModelForSeq2SeqLM": model,
     }}
 

@@ -47,7 +47,9 @@ FAMILIES = {
     "glm4": ({"num_key_value_heads": 2, "head_dim": 16, "pad_token_id": None}, "glm4"),
 }
 # Families without a transformers class (remote code): lmzoo's own tiny configs, written by lmzoo only.
-LMZOO_ONLY = {"qwen": ("qwen-7b", "qwen"), "chatglm3": ("chatglm3-6b", "chatglm")}
+LMZOO_ONLY = {"qwen": ("qwen-7b", "qwen"), "chatglm3": ("chatglm3-6b", "chatglm"),
+              # ChatGLM2-6B-32K: rope_ratio interpolates positions, llama.cpp's linear rope scaling
+              "chatglm2-32k": ("chatglm2-6b", "chatglm", {"rope_scaling": "linear", "rope_factor": 16.0})}
 # what transformers' GGUF loader reads (it ignores rope_freqs, so not Llama 3.1's scaling)
 TRANSFORMERS_GGUF = ("llama", "mistral", "qwen2", "gpt2")
 TINY = dict(n_layers=2, d_model=64, n_heads=4, d_ff=96, vocab_size=VOCAB, max_seq_len=128)
@@ -211,7 +213,8 @@ def _lmzoo_model(name, hf_dirs):
     if name in FAMILIES:
         return lmzoo.load(hf_dirs[name][1])
     torch.manual_seed(0)
-    model = lmzoo.from_config(lmzoo.preset(LMZOO_ONLY[name][0]).replace(**TINY))
+    preset, _, *extra = LMZOO_ONLY[name]
+    model = lmzoo.from_config(lmzoo.preset(preset).replace(**TINY, **(extra[0] if extra else {})))
     with torch.no_grad():  # norms and biases away from 1 and 0, so their layout is tested
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
