@@ -50,6 +50,7 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/attention.py
+	$(BIN)/python bench/gguf_memory.py
 	$(BIN)/python bench/bench.py
 
 clean:

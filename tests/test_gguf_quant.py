@@ -92,3 +92,16 @@ def test_generate_runs_gguf_kept_quantized_unless_dtype_says_float(monkeypatch):
     assert not keeps_quantized("m.gguf", None, None, "int8", None)
     assert not keeps_quantized("m.gguf", None, None, None, "out/adapter")  # LoRA folds into float weights
     assert not keeps_quantized("hf_dir", None, None, None, None)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q5_0"])
+def test_quantized_embedding_rows_are_the_files(kind):
+    from lmzoo.formats.gguf_file import dequantize_rows
+    from lmzoo.infer.gguf_quant import QuantizedEmbedding
+
+    w = torch.randn(50, 64).numpy()
+    rows = torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind]))
+    embedding = QuantizedEmbedding(rows, kind, 64)
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    torch.testing.assert_close(embedding(ids), dequantize_rows(rows, kind)[ids], atol=0, rtol=0)
+    assert embedding.weight.dtype == torch.float32 and embedding.weight.numel() == 0

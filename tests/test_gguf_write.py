@@ -3,6 +3,7 @@ gguf-py's to the bit, the embedded model round-trips exactly, and what llama.cpp
 refused with the field named. (llama.cpp itself reads these files in tests/interop.)"""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -230,3 +231,44 @@ def test_convert_lora_writes_each_update_as_llama_cpp_applies_it(tmp_path):
             a, b = file.tensors[f"{stem}.lora_a"], file.tensors[f"{stem}.lora_b"]
             b = rows.get(short, lambda t, c: t)(b, model.config)
             torch.testing.assert_close(8.0 / b.shape[1] * b @ a, m.delta(), atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad files: one line each
+def rewrite(src, out, *, drop=(), set_keys=None, tensors=None):
+    """A copy of a GGUF file (tensors as F32) with keys dropped or changed and tensors replaced."""
+    from lmzoo.formats.gguf_write import _add
+
+    file = read_gguf(src)
+    writer = gguf.GGUFWriter(str(out), file.metadata["general.architecture"])
+    for key, value in {**file.metadata, **(set_keys or {})}.items():
+        if key not in drop and key != "general.architecture":
+            _add(writer, key, value)
+    for name, t in {**file.tensors, **(tensors or {})}.items():
+        writer.add_tensor(name, t.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(out)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(drop=["llama.attention.layer_norm_rms_epsilon"]), "lacks llama.attention.layer_norm_rms_epsilon"),
+    (dict(drop=["llama.block_count"]), "lacks llama.block_count"),
+    (dict(set_keys={"llama.attention.head_count": "four"}), "llama.attention.head_count is 'four', expected a number"),
+    (dict(set_keys={"tokenizer.ggml.pre": "mystery"}), "tokenizer.ggml.pre is 'mystery', an unknown pre-tokenizer; "
+                                                       "supported: .*smollm"),
+    (dict(set_keys={"tokenizer.ggml.model": "rwkv"}), "tokenizer.ggml.model is 'rwkv'.*supported: 'gpt2'"),
+    (dict(tensors={"blk.1.attn_k.weight": torch.zeros(32, 64)}), r"tensor blk\.1\.attn_k\.weight has shape \[32, 64\], "
+                                                                 r"expected \[16, 64\]"),
+    (dict(tensors={"blk.0.extra.weight": torch.zeros(4)}), r"unexpected tensors: blk\.0\.extra\.weight"),
+])
+def test_a_bad_file_is_one_clear_line(change, message, tmp_path):
+    model = tiny("llama2-7b", n_kv_heads=1, vocab_size=49152)
+    good, _ = save_gguf(model, tmp_path / "good.gguf", smollm_tokenizer(), type="f32")
+    bad = rewrite(good, tmp_path / "bad.gguf", **change)
+    with pytest.raises(lmzoo.LmzooError, match=message):
+        lmzoo.load(bad)
+    run = lmzoo_cli("generate", "hi", "--model", bad, "--max-new-tokens", "1")  # the kept-quantized loader
+    assert run.returncode != 0 and re.search(message, run.stderr)
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1

@@ -12,6 +12,7 @@ fast. The dequantization itself is done by `gguf.quants.dequantize`.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import struct
 import warnings
@@ -63,6 +64,14 @@ class GGUFFile:
         with warnings.catch_warnings():  # a read-only view of the map, never written to
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(self._data[start:start + n_bytes].reshape(*shape[:-1], row_bytes))
+
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's memory (they stay in the OS page cache, and a
+        later read faults them back in): a loader that converts one tensor at a time calls it so
+        that the file it has already converted does not stay resident beside the result."""
+        mapping = getattr(self._data, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def dequantized(self, name: str) -> torch.Tensor:
         """One tensor as float32, read now (the others stay on disk)."""

@@ -44,6 +44,63 @@ _PRE_TOKENIZERS = {
 }
 
 
+def _byte_level_backend(metadata: dict, tokens: list, types: list, source: str) -> _Backend:
+    """GPT-2's byte-level BPE (tokenizer.ggml.model = gpt2) with the file's pre-tokenizer."""
+    pre = metadata.get("tokenizer.ggml.pre")
+    if pre not in _PRE_TOKENIZERS:
+        raise LmzooError(f"{source}: tokenizer.ggml.pre is {pre!r}, an unknown pre-tokenizer; "
+                         f"supported: {sorted(_PRE_TOKENIZERS)}")
+    if not metadata.get("tokenizer.ggml.merges"):
+        raise LmzooError(f"{source}: tokenizer.ggml.merges is missing; a byte-level BPE tokenizer needs it")
+    # Ordinary tokens must be spelled in the byte alphabet for BPE to produce them; some converters store
+    # them as raw text, so respell those. Control (3) and user-defined (4) tokens are matched whole by the
+    # added-token pass, so they keep their raw text.
+    to_char = _byte_to_char()
+    alphabet = set(to_char.values())
+    vocab = {}
+    for index, (token, token_type) in enumerate(zip(tokens, types, strict=True)):
+        if token_type not in (3, 4) and not set(token) <= alphabet:
+            token = "".join(to_char[b] for b in token.encode("utf-8"))
+        vocab.setdefault(token, index)
+    merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+    backend = _Backend(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=_PRE_TOKENIZERS[pre][3]))
+    backend.pre_tokenizer, backend.normalizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_backend(metadata: dict, tokens: list, types: list, source: str) -> _Backend:
+    """SentencePiece's BPE (tokenizer.ggml.model = llama: Llama 1/2, Mistral v0.1), as transformers
+    builds it from a tokenizer.model: pieces spelled with '▁' for spaces, a space put in front of
+    the text, unknown characters as their UTF-8 bytes (the <0xXX> tokens), and the merges recovered
+    from the scores: a piece that two pieces concatenate into is a merge, ranked by its score."""
+    scores = metadata.get("tokenizer.ggml.scores")
+    if not scores or len(scores) != len(tokens):
+        raise LmzooError(f"{source}: tokenizer.ggml.scores must give one score per token for a SentencePiece "
+                         f"vocabulary (it has {len(scores or [])} for {len(tokens)} tokens)")
+    vocab = {}
+    for index, token in enumerate(tokens):
+        vocab.setdefault(token, index)
+    merges = []
+    for piece, index in vocab.items():
+        if types[index] not in (1, 4) or len(piece) < 2:  # normal and user-defined pieces are merge results
+            continue
+        pairs = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(scores[index], pair) for pair in pairs]
+    merges.sort(key=lambda m: -m[0])  # stable: pairs of one piece keep their order
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id", 0)
+    unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+    backend = _Backend(models.BPE(vocab, [pair for _, pair in merges], unk_token=unk, fuse_unk=True,
+                                  byte_fallback=True))
+    space = "\u2581"
+    prefix = [normalizers.Prepend(space)] if metadata.get("tokenizer.ggml.add_space_prefix", True) else []
+    backend.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", space)])
+    backend.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         *([decoders.Strip(" ", 1, 0)] if prefix else [])])
+    return backend
+
+
 def _pre_tokenizer(pre: str):
     """(pre-tokenizer, normalizer) that llama.cpp's pre-tokenizer `pre` stands for."""
     split, digits, nfc, _ = _PRE_TOKENIZERS[pre]
@@ -276,42 +333,22 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, metadata: dict, source: str) -> "Tokenizer":
         kind = metadata.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise LmzooError(
                 f"{source}: tokenizer.ggml.model is {kind!r}, which lmzoo cannot build; "
-                "supported: 'gpt2' (byte-level BPE)"
+                "supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece)"
             )
-        pre = metadata.get("tokenizer.ggml.pre")
-        if pre not in _PRE_TOKENIZERS:
-            raise LmzooError(
-                f"{source}: tokenizer.ggml.pre is {pre!r}, an unknown pre-tokenizer; "
-                f"supported: {sorted(_PRE_TOKENIZERS)}"
-            )
-        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-            if not metadata.get(key):
-                raise LmzooError(f"{source}: {key} is missing; a byte-level BPE tokenizer needs it")
+        if not metadata.get("tokenizer.ggml.tokens"):
+            raise LmzooError(f"{source}: tokenizer.ggml.tokens is missing; a GGUF vocabulary needs it")
         tokens = list(metadata["tokenizer.ggml.tokens"])
         types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
         if len(types) != len(tokens):
             raise LmzooError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries but "
                              f"tokenizer.ggml.tokens has {len(tokens)}; they must match one to one")
-
-        # Ordinary tokens must be spelled in the byte alphabet for BPE to produce them; some converters store
-        # them as raw text, so respell those. Control (3) and user-defined (4) tokens are matched whole by the
-        # added-token pass, so they keep their raw text.
-        to_char = _byte_to_char()
-        alphabet = set(to_char.values())
-        vocab = {}
-        for index, (token, token_type) in enumerate(zip(tokens, types, strict=True)):
-            if token_type not in (3, 4) and not set(token) <= alphabet:
-                token = "".join(to_char[b] for b in token.encode("utf-8"))
-            vocab.setdefault(token, index)
-        merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
-
-        ignore_merges = _PRE_TOKENIZERS[pre][3]
-        backend = _Backend(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=ignore_merges))
-        backend.pre_tokenizer, backend.normalizer = _pre_tokenizer(pre)
-        backend.decoder = decoders.ByteLevel()
+        if kind == "gpt2":
+            backend = _byte_level_backend(metadata, tokens, types, source)
+        else:
+            backend = _sentencepiece_backend(metadata, tokens, types, source)
 
         def token_at(key):
             index = metadata.get(key)
@@ -325,7 +362,8 @@ class Tokenizer:
         backend.add_tokens([AddedToken(t, special=False, normalized=False)
                             for t, token_type in zip(tokens, types, strict=True) if token_type == 4])
         bos = special["bos_token"]
-        if metadata.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        # llama.cpp adds BOS by default for SentencePiece vocabularies, not for byte-level BPE ones
+        if metadata.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:
             # The same template transformers builds for add_bos_token, so the saved tokenizer.json carries it.
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos}:0 $A:0",

@@ -27,9 +27,10 @@ from ..formats.gguf_file import dequantize_rows, read_gguf
 from ..formats.names import to_ours
 from ..nn.linear import is_plain_linear
 from .fuse import fuse_projections
-from .quant import Int4Linear, Int8Linear
+from .quant import Int4Linear, Int8Linear, int8_rows
 
 FOUR_BIT = ("Q4_0", "Q4_1")
+CHUNK = 4096  # rows converted at a time
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
 
 
@@ -77,14 +78,9 @@ def load_gguf_quantized(path: str | None = None):
     floats = to_ours(gguf_format.prepare_tensors(arch, {n: file.dequantized(n) for n in vectors}),
                      arch.names, config)[0]
 
-    done: dict[str, torch.Tensor] = {}
-
-    def dequantized(ours: str) -> torch.Tensor:
-        if ours == "tok_emb.weight":  # a tied head reads it too: dequantize once
-            if ours not in done:
-                done[ours] = dequantize_rows(raw[ours], kinds[ours])
-            return done[ours]
-        return dequantize_rows(raw[ours], kinds[ours])
+    def dequantized(ours: str) -> torch.Tensor:  # in chunks of rows: numpy's temporaries stay small
+        rows = raw[ours]
+        return torch.cat([dequantize_rows(rows[i:i + CHUNK], kinds[ours]) for i in range(0, len(rows), CHUNK)])
 
     fuse_projections(model)  # on the meta model: q|k|v and gate|up become one module each
     with torch.no_grad():
@@ -94,17 +90,24 @@ def load_gguf_quantized(path: str | None = None):
             parts = _parts(name, model)  # our unfused weight names, in row order
             bias = _bias(name, parts, floats)
             if name == "lm_head" and config.tie_embeddings:
-                new = Int8Linear(_Weight(dequantized("tok_emb.weight")))
-            elif name.endswith("router"):  # routing scores pick the experts: kept exact, as quantize() does
+                parts = ["tok_emb.weight"]
+            if name.endswith("router"):  # routing scores pick the experts: kept exact, as quantize() does
                 new = nn.Linear(module.in_features, module.out_features, bias=False)
                 new.weight.copy_(torch.cat([dequantized(p) for p in parts]))
             elif all(kinds[p] in FOUR_BIT for p in parts) and module.out_features % 16 == 0:  # the kernel's tiles
-                qs, scales, zeros = zip(*(q4_parts(raw[p], kinds[p]) for p in parts), strict=True)
-                new = Int4Linear(None, parts=(torch.cat(qs), torch.cat(scales), torch.cat(zeros), bias))
+                # in chunks of rows, so that a 100M-weight head never exists as int32 or float at once
+                packed, scales, zeros = zip(*(_int4_rows(raw[p][i:i + CHUNK], kinds[p])
+                                              for p in parts for i in range(0, len(raw[p]), CHUNK)), strict=True)
+                new = Int4Linear(None, parts=(torch.cat(packed), torch.cat(scales), torch.cat(zeros), bias))
             else:
-                new = Int8Linear(_Weight(torch.cat([dequantized(p) for p in parts]), bias))
+                qweight, scale = zip(*(int8_rows(dequantize_rows(raw[p][i:i + CHUNK], kinds[p]))
+                                       for p in parts for i in range(0, len(raw[p]), CHUNK)), strict=True)
+                new = Int8Linear(None, parts=(torch.cat(qweight), torch.cat(scale), bias))
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, new)
+            file.release_pages()  # the blocks just packed need not stay resident beside their int4 copy
+        if kinds["tok_emb.weight"] not in ("F32", "F16", "BF16"):  # its rows are dequantized when looked up
+            model.tok_emb = QuantizedEmbedding(raw["tok_emb.weight"].clone(), kinds["tok_emb.weight"], config.d_model)
         for name, p in list(model.named_parameters()):  # what is left: embeddings, norms (float32)
             if p.is_meta:
                 value = floats[name] if name in floats else dequantized(name)
@@ -114,11 +117,46 @@ def load_gguf_quantized(path: str | None = None):
     return model.eval(), Tokenizer.from_gguf_metadata(file.metadata, path) if has_vocab else None
 
 
-class _Weight:
-    """What Int8Linear reads from an nn.Linear: a weight and a bias."""
+class QuantizedEmbedding(nn.Module):
+    """A token embedding kept in its file's blocks; the rows looked up are dequantized (float32).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.weight, self.bias = weight, bias
+    For a 49k x 2048 vocabulary that is 57 MB in Q4_0 instead of 400 MB. `weight` is an empty
+    float32 tensor, there only to tell code that asks the embedding for the model's dtype and
+    device; reading values from it fails (IndexError) rather than giving wrong numbers."""
+
+    def __init__(self, rows: torch.Tensor, kind: str, dim: int):
+        super().__init__()
+        self.register_buffer("rows", rows)
+        self.register_buffer("probe", torch.empty(0, dim), persistent=False)
+        self.kind, self.embedding_dim = kind, dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.probe
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.rows[ids.reshape(-1)]
+        if self.kind in FOUR_BIT:  # torch ops only, so that a compiled decode step traces through
+            q, scale, zero = q4_parts(rows, self.kind)
+            out = (q.float() - 8).unflatten(-1, (-1, 32)) * scale[..., None] + zero[..., None]
+        elif self.kind == "Q8_0":
+            blocks = rows.reshape(len(rows), -1, 34)
+            d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+            out = blocks[..., 2:].contiguous().view(torch.int8).float() * d
+        else:
+            out = _numpy_rows(rows, self.kind)
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+
+@torch.compiler.disable
+def _numpy_rows(rows: torch.Tensor, kind: str) -> torch.Tensor:
+    return dequantize_rows(rows, kind)
+
+
+def _int4_rows(raw: torch.Tensor, qtype: str):
+    """Q4 rows -> (rows packed for the CPU int4 kernel, scale, zero)."""
+    q, scale, zero = q4_parts(raw, qtype)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 8), scale, zero
 
 
 def _fused_type(file, arch, ours: str) -> str:

@@ -29,12 +29,17 @@ MODES = ("int8", "int4")
 class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 [out, in] and an fp scale per output row."""
 
-    def __init__(self, linear: nn.Linear, compute_dtype=torch.bfloat16):
+    def __init__(self, linear: nn.Linear, compute_dtype=torch.bfloat16, *, parts=None):
+        """From a float nn.Linear, or from `parts` = (qweight int8 [n, k], scale [n], bias or None),
+        quantized already (row by row: a large matrix can be quantized in chunks of rows)."""
         super().__init__()
-        w = linear.weight.detach().float()
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        if parts is None:
+            qweight, scale = int8_rows(linear.weight.detach())
+        else:
+            qweight, scale, bias = parts
+            linear = _Bias(bias)
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale.to(compute_dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.compute_dtype = compute_dtype
@@ -49,14 +54,32 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a float matrix -> (int8 values, one symmetric scale per row)."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+class _Bias:
+    def __init__(self, bias):
+        self.bias = bias
+
+
 class Int4Linear(nn.Module):
     """y = x W^T + b with W in 4-bit groups of `group_size` input columns, packed for the kernel."""
 
     def __init__(self, linear: nn.Linear | None, group_size: int = 32, compute_dtype=torch.bfloat16, *, parts=None):
-        """From a float nn.Linear (min/max per group), or from `parts` = (q int [n, k] in 0..15,
-        scale [n, k/gs], zero [n, k/gs], bias or None) already quantized (a GGUF file's Q4 blocks)."""
+        """From a float nn.Linear (min/max per group), or from `parts` = (q int [n, k] in 0..15, or
+        a CPU-packed [n, k/2] uint8 tensor, scale [n, k/gs], zero [n, k/gs], bias or None) already
+        quantized (a GGUF file's Q4 blocks). The CPU packing is row by row, so packed rows concatenate."""
         super().__init__()
-        if parts is None:
+        packed = None
+        if parts is not None and parts[0].dtype == torch.uint8:  # packed already (CPU layout)
+            packed, scale, zero, bias = parts
+            (n, half_k), device = packed.shape, packed.device
+            k = 2 * half_k
+        elif parts is None:
             n, k = linear.out_features, linear.in_features
             if k % group_size:
                 raise LmzooError(f"int4: in_features={k} is not a multiple of group_size={group_size}")
@@ -72,7 +95,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = k, n, group_size
         self.register_buffer("scales_zeros", torch.stack([scale, zero], -1)
                              .transpose(0, 1).contiguous().to(compute_dtype))  # [k/gs, n, 2]
-        self.register_buffer("packed", _pack_int4(q.to(torch.int32), device))
+        self.register_buffer("packed", packed if packed is not None else _pack_int4(q.to(torch.int32), device))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.compute_dtype = compute_dtype
 

@@ -308,3 +308,19 @@ def test_lora_gguf_and_merged_gguf_match_lmzoo_in_llama_cpp(name, targets, hf_di
     strip_lora(model)
     merged, _ = save_gguf(model, tmp_path / "merged.gguf", tokenizer, type="f32")
     assert _llama_cpp_greedy(merged, ids[:8], 8) == want
+
+
+def test_llama_cpp_tokenizes_a_sentencepiece_vocabulary_as_lmzoo(tmp_path):
+    """A SentencePiece vocabulary (tokenizer.ggml.model = llama), from a SentencePiece BPE model trained
+    with Llama's settings: llama.cpp's tokenizer and lmzoo's give the same ids, BOS included."""
+    from test_tokenizer_spm import TEXTS, corpus, gguf_vocabulary, train_sentencepiece
+
+    from lmzoo.formats.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf_metadata(gguf_vocabulary(train_sentencepiece(tmp_path)), "spm")
+    torch.manual_seed(0)
+    model = lmzoo.from_config(lmzoo.preset("llama2-7b").replace(**{**TINY, "vocab_size": 600}))
+    path, _ = save_gguf(model, tmp_path / "m.gguf", tokenizer, type="f32")
+    llm = _llama_cpp().Llama(path, n_ctx=64, verbose=False, vocab_only=True)
+    for text in [t for t in TEXTS if t] + corpus(20, seed=2).split("\n"):
+        assert llm.tokenize(text.encode(), add_bos=True) == tokenizer.encode(text), text
