@@ -21,14 +21,26 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_gguf_write import tiny  # noqa: E402
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def random_q4_k(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Q4_K blocks (gguf-py cannot write K-quants): random 6-bit scales and mins, nibbles, and float16
+    super-block scales, byte for byte as ggml lays them out."""
+    rng = np.random.default_rng(seed)
+    n = rows * cols // 256
+    blocks = rng.integers(0, 256, (n, 144), dtype=np.uint8)
+    blocks[:, 0:2] = (rng.random(n) * 0.01).astype(np.float16).view(np.uint8).reshape(n, 2)
+    blocks[:, 2:4] = (rng.random(n) * 0.01).astype(np.float16).view(np.uint8).reshape(n, 2)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
 def test_q4_blocks_are_int4_groups_exactly(kind):
-    w = torch.randn(48, 128).numpy()
+    w = torch.randn(48, 256).numpy()
     qtype = gguf.GGMLQuantizationType[kind]
-    blocks = gguf.quants.quantize(w, qtype)
+    blocks = random_q4_k(48, 256) if kind == "Q4_K" else gguf.quants.quantize(w, qtype)
+    w = gguf.quants.dequantize(blocks, qtype)
     q, scale, zero = q4_parts(torch.from_numpy(blocks), kind)
-    ours = (q.float() - 8).reshape(48, 4, 32) * scale[..., None] + zero[..., None]
-    np.testing.assert_array_equal(ours.reshape(48, 128).numpy(), gguf.quants.dequantize(blocks, qtype))
+    ours = (q.float() - 8).reshape(48, 8, 32) * scale[..., None] + zero[..., None]
+    np.testing.assert_allclose(ours.reshape(48, 256).numpy(), w, rtol=0, atol=float(np.abs(w).max()) * 1e-6)
     layer = Int4Linear(None, parts=(q, scale, zero, None))  # the kernel reads them with bf16 scales
     np.testing.assert_allclose(layer.dequantized().numpy(), gguf.quants.dequantize(blocks, qtype), rtol=0,
                                atol=float(np.abs(w).max()) / 64)
@@ -105,3 +117,38 @@ def test_quantized_embedding_rows_are_the_files(kind):
     ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
     torch.testing.assert_close(embedding(ids), dequantize_rows(rows, kind)[ids], atol=0, rtol=0)
     assert embedding.weight.dtype == torch.float32 and embedding.weight.numel() == 0
+
+
+def test_q4_k_file_is_kept_4_bit(tmp_path):
+    """A Q4_K file (Q4_K matrices, a Q8_0 head): Q4_K as int4 groups, Q8_0 as int8 rows; each
+    matrix as the float loader dequantizes it (gguf-py), llama's q/k rows permuted on the blocks."""
+    from lmzoo.formats.gguf_write import _add
+    from lmzoo.infer.fuse import fuse_projections
+
+    src, _ = save_gguf(tiny("llama2-7b", d_model=256, d_ff=512), tmp_path / "f32.gguf", type="f32")
+    file = read_gguf(src)
+    writer = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    for key, value in file.metadata.items():
+        if key != "general.architecture":
+            _add(writer, key, value)
+    for i, (name, t) in enumerate(file.tensors.items()):
+        if t.ndim == 2 and name.startswith("blk."):
+            writer.add_tensor(name, random_q4_k(*t.shape, seed=i), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        elif name == "output.weight":
+            six = torch.from_numpy(gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.Q8_0))
+            writer.add_tensor(name, six.numpy(), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, t.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    dense, _ = lmzoo.load(tmp_path / "k.gguf")
+    kept, _ = load_gguf_quantized(str(tmp_path / "k.gguf"))
+    fuse_projections(dense)
+    assert isinstance(kept.blocks[0].attn.qkv, Int4Linear) and isinstance(kept.lm_head, Int8Linear)
+    for n, m in kept.named_modules():
+        if isinstance(m, (Int4Linear, Int8Linear)):
+            w = dense.get_submodule(n).weight.detach()
+            step = w.abs().max() / (128 if isinstance(m, Int4Linear) else 100)
+            torch.testing.assert_close(m.dequantized(), w, atol=step.item(), rtol=0, msg=n)

@@ -1,11 +1,12 @@
 """Load a quantized GGUF file for inference with its weights kept quantized: never fp32 first.
 
-A 4-bit GGUF block (Q4_0, Q4_1: 32 weights, a float16 scale, and for Q4_1 a float16 minimum)
-is exactly one group of lmzoo's int4 layer (lmzoo.infer.quant.Int4Linear), whose kernel
-computes (q - 8) * scale + zero:
+A 4-bit GGUF block (Q4_0, Q4_1: 32 weights, a float16 scale, and for Q4_1 a float16 minimum;
+Q4_K: 8 such groups of 32 under one super-block scale) is exactly one group of lmzoo's int4
+layer (lmzoo.infer.quant.Int4Linear), whose kernel computes (q - 8) * scale + zero:
 
-    Q4_0: w = d * (q - 8)   ->  scale = d, zero = 0
-    Q4_1: w = d * q + m     ->  scale = d, zero = m + 8 d
+    Q4_0: w = d * (q - 8)             ->  scale = d,        zero = 0
+    Q4_1: w = d * q + m               ->  scale = d,        zero = m + 8 d
+    Q4_K: w = d sc_j * q - dmin m_j   ->  scale = d sc_j,   zero = 8 d sc_j - dmin m_j
 
 so those matrices go from the file's bytes to the packed int4 layout directly (the scales
 rounded to bf16, the kernel's type). Any other type (Q8_0, the K-quants, F16, ...) is
@@ -29,13 +30,15 @@ from ..nn.linear import is_plain_linear
 from .fuse import fuse_projections
 from .quant import Int4Linear, Int8Linear, int8_rows
 
-FOUR_BIT = ("Q4_0", "Q4_1")
+FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
 CHUNK = 4096  # rows converted at a time
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
 
 
 def q4_parts(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0 / Q4_1 rows of bytes [n, blocks * size] -> (q [n, k] in 0..15, scale, zero [n, blocks])."""
+    """Q4_0 / Q4_1 / Q4_K rows of bytes [n, blocks * size] -> (q [n, k] in 0..15, scale, zero [n, k / 32])."""
+    if qtype == "Q4_K":
+        return _q4_k_parts(raw)
     n = raw.shape[0]
     blocks = raw.reshape(n, -1, _BLOCK_BYTES[qtype])
     d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
@@ -56,6 +59,24 @@ def keeps_quantized(source, dtype, device, quantize, adapter) -> bool:
     (which needs float weights to fold into) asks for floats."""
     is_gguf = source is None or str(source).endswith(".gguf")
     return is_gguf and dtype is None and quantize is None and adapter is None and device in (None, "cpu")
+
+
+def _q4_k_parts(raw: torch.Tensor):
+    """Q4_K: super-blocks of 256 = 8 groups of 32, w = d * sc_j * q - dmin * m_j with 6-bit sc_j, m_j
+    (packed in 12 bytes, as ggml's get_scale_min_k4 reads them): scale = d sc_j, zero = 8 scale - dmin m_j."""
+    n = raw.shape[0]
+    blocks = raw.reshape(n, -1, 144)  # d, dmin (float16), 12 bytes of scales and mins, 128 bytes of nibbles
+    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
+    dmin = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+    packed = blocks[..., 4:16].reshape(n, -1, 3, 4)
+    low, high, rest = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]
+    sc = torch.cat([low & 0x3F, (rest & 0x0F) | ((low >> 2) & 0x30)], -1).float()  # [n, blocks, 8]
+    mins = torch.cat([high & 0x3F, (rest >> 4) | ((high >> 2) & 0x30)], -1).float()
+    qs = blocks[..., 16:].reshape(n, -1, 4, 1, 32)  # 4 x 32 bytes: low nibbles are group 2i, high ones 2i + 1
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=3).reshape(n, -1)
+    scale = d[..., None] * sc
+    zero = 8 * scale - dmin[..., None] * mins
+    return q.to(torch.int32), scale.reshape(n, -1), zero.reshape(n, -1)
 
 
 def load_gguf_quantized(path: str | None = None):
@@ -136,7 +157,7 @@ class QuantizedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.rows[ids.reshape(-1)]
-        if self.kind in FOUR_BIT:  # torch ops only, so that a compiled decode step traces through
+        if self.kind in ("Q4_0", "Q4_1"):  # torch ops only, so that a compiled decode step traces through
             q, scale, zero = q4_parts(rows, self.kind)
             out = (q.float() - 8).unflatten(-1, (-1, 32)) * scale[..., None] + zero[..., None]
         elif self.kind == "Q8_0":
