@@ -18,7 +18,7 @@ from lmzoo.infer.gguf_quant import load_gguf_quantized, q4_parts
 from lmzoo.infer.quant import Int4Linear, Int8Linear
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_gguf_write import tiny  # noqa: E402
+from test_gguf_write import rewrite, tiny  # noqa: E402
 
 
 def random_q4_k(rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -122,29 +122,17 @@ def test_quantized_embedding_rows_are_the_files(kind):
 def test_q4_k_file_is_kept_4_bit(tmp_path):
     """A Q4_K file (Q4_K matrices, a Q8_0 head): Q4_K as int4 groups, Q8_0 as int8 rows; each
     matrix as the float loader dequantizes it (gguf-py), llama's q/k rows permuted on the blocks."""
-    from lmzoo.formats.gguf_write import _add
     from lmzoo.infer.fuse import fuse_projections
 
     src, _ = save_gguf(tiny("llama2-7b", d_model=256, d_ff=512), tmp_path / "f32.gguf", type="f32")
-    file = read_gguf(src)
-    writer = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
-    for key, value in file.metadata.items():
-        if key != "general.architecture":
-            _add(writer, key, value)
-    for i, (name, t) in enumerate(file.tensors.items()):
-        if t.ndim == 2 and name.startswith("blk."):
-            writer.add_tensor(name, random_q4_k(*t.shape, seed=i), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
-        elif name == "output.weight":
-            six = torch.from_numpy(gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.Q8_0))
-            writer.add_tensor(name, six.numpy(), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, t.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    shapes = read_gguf(src, load_tensors=False).shapes
+    q4_k = {n: (random_q4_k(*s, seed=i), "Q4_K") for i, (n, s) in enumerate(shapes.items())
+            if len(s) == 2 and n.startswith("blk.")}
+    rewrite(src, tmp_path / "k.gguf", raw=q4_k, types={"output.weight": "Q8_0"})
     dense, _ = lmzoo.load(tmp_path / "k.gguf")
     kept, _ = load_gguf_quantized(str(tmp_path / "k.gguf"))
+    _, notes = save_gguf(dense, tmp_path / "again.gguf")  # --type auto: gguf-py writes no K-quants, and says so
+    assert any("Q4_K are written as Q8_0" in note for note in notes)
     fuse_projections(dense)
     assert isinstance(kept.blocks[0].attn.qkv, Int4Linear) and isinstance(kept.lm_head, Int8Linear)
     for n, m in kept.named_modules():
@@ -152,3 +140,36 @@ def test_q4_k_file_is_kept_4_bit(tmp_path):
             w = dense.get_submodule(n).weight.detach()
             step = w.abs().max() / (128 if isinstance(m, Int4Linear) else 100)
             torch.testing.assert_close(m.dequantized(), w, atol=step.item(), rtol=0, msg=n)
+
+
+def assert_layers_match(kept, dense):
+    from lmzoo.infer.fuse import fuse_projections
+
+    fuse_projections(dense)
+    for n, m in kept.named_modules():
+        if isinstance(m, (Int4Linear, Int8Linear)):
+            w = dense.get_submodule(n).weight.detach()
+            step = w.abs().max() / (128 if isinstance(m, Int4Linear) else 100)
+            torch.testing.assert_close(m.dequantized(), w, atol=step.item(), rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("name, d_model, v_type", [
+    ("llama2-7b", 128, "Q8_0"),   # a Q4_K_M-like mix: q, k 4-bit, v 8-bit: the fused q|k|v goes int8
+    ("llama2-7b", 96, "Q4_0"),    # parts of 96 rows: not whole blocks of the int4 packing's 64
+    ("glm4-9b", 128, "Q8_0"),     # chatglm's separate q, k, v of two types, fused on load
+])
+def test_mixed_types_and_odd_sizes(name, d_model, v_type, tmp_path):
+    glm = {"head_dim": d_model // 4, "fused_qkv": False} if name == "glm4-9b" else {}  # transformers' glm
+    model = tiny(name, d_model=d_model, d_ff=2 * d_model, **glm)
+    src, _ = save_gguf(model, tmp_path / "f32.gguf", type="f32")
+    names = read_gguf(src, load_tensors=False).shapes
+    types = {n: "Q4_0" for n, s in names.items() if len(s) == 2 and n.startswith("blk.")}
+    types.update({n: v_type for n in names if ".attn_v." in n and n.endswith("weight")})
+    path = rewrite(src, tmp_path / "mixed.gguf", types=types)
+    dense, _ = lmzoo.load(path)
+    kept, _ = load_gguf_quantized(path)
+    assert isinstance(kept.blocks[0].attn.qkv, Int8Linear if v_type == "Q8_0" else Int4Linear)
+    assert_layers_match(kept, dense)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _agreement(kept(ids), dense(ids)) > 0.9

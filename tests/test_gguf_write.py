@@ -234,8 +234,9 @@ def test_convert_lora_writes_each_update_as_llama_cpp_applies_it(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad files: one line each
-def rewrite(src, out, *, drop=(), set_keys=None, tensors=None):
-    """A copy of a GGUF file (tensors as F32) with keys dropped or changed and tensors replaced."""
+def rewrite(src, out, *, drop=(), set_keys=None, tensors=None, types=None, raw=None):
+    """A copy of a GGUF file with keys dropped or changed and tensors replaced (float tensors, or
+    raw: name -> (ggml bytes, type)); each written F32, or quantized to types[name] by gguf-py."""
     from lmzoo.formats.gguf_write import _add
 
     file = read_gguf(src)
@@ -244,7 +245,11 @@ def rewrite(src, out, *, drop=(), set_keys=None, tensors=None):
         if key not in drop and key != "general.architecture":
             _add(writer, key, value)
     for name, t in {**file.tensors, **(tensors or {})}.items():
-        writer.add_tensor(name, t.numpy())
+        qtype = gguf.GGMLQuantizationType[(types or {}).get(name, "F32")]
+        data = t.numpy() if qtype.name == "F32" else gguf.quants.quantize(t.numpy(), qtype)
+        if name in (raw or {}):
+            data, qtype = raw[name][0], gguf.GGMLQuantizationType[raw[name][1]]
+        writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -262,6 +267,8 @@ def rewrite(src, out, *, drop=(), set_keys=None, tensors=None):
     (dict(tensors={"blk.1.attn_k.weight": torch.zeros(32, 64)}), r"tensor blk\.1\.attn_k\.weight has shape \[32, 64\], "
                                                                  r"expected \[16, 64\]"),
     (dict(tensors={"blk.0.extra.weight": torch.zeros(4)}), r"unexpected tensors: blk\.0\.extra\.weight"),
+    (dict(set_keys={"llama.attention.head_count": 0}), r"bad\.gguf: .*(head|ZeroDivision)"),
+    (dict(set_keys={"llama.rope.scaling.type": "yarn"}), r"rope.scaling.type='yarn' is not implemented"),
 ])
 def test_a_bad_file_is_one_clear_line(change, message, tmp_path):
     model = tiny("llama2-7b", n_kv_heads=1, vocab_size=49152)

@@ -365,8 +365,8 @@ def test_from_dir_without_tokenizer_json(tmp_path):
 
 
 def test_unsupported_tokenizer_model(metadata):
-    with pytest.raises(LmzooError, match=r"tokenizer\.ggml\.model is 'llama'.*'gpt2'"):
-        Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.model": "llama"}, "model.gguf")
+    with pytest.raises(LmzooError, match=r"tokenizer\.ggml\.model is 'rwkv'.*'gpt2'.*'llama'"):
+        Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.model": "rwkv"}, "model.gguf")
 
 
 def test_unknown_pre_tokenizer(metadata):

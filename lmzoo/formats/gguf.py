@@ -288,7 +288,8 @@ ARCHES += [
         {"context_length": "seq_length", "embedding_length": "hidden_size", "feed_forward_length": "ffn_hidden_size",
          "block_count": "num_layers", "attention.head_count": "num_attention_heads",
          "attention.head_count_kv": "multi_query_group_num", "attention.layer_norm_rms_epsilon": "layernorm_epsilon"},
-        ("context_length", "embedding_length", "block_count", "attention.layer_norm_rms_epsilon"),
+        ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+         "attention.layer_norm_rms_epsilon"),
         extra_to_hf=_chatglm_to_hf,
         extra_from_hf=lambda hf, c: {"rope.dimension_count": c.head_size // 2, "rope.freq_base": float(c.rope_base),
                                      **({"rope.scaling.type": "linear", "rope.scaling.factor": float(c.rope_factor)}
@@ -309,6 +310,20 @@ ARCH_BY_NAME = {a.name: a for a in ARCHES}
 ROTARY = {"llama", "qwen2"}  # arches whose rotary fields go through _rotary_to_hf / _rotary_from_hf
 
 
+def _check_scaling(name: str, meta: dict) -> None:
+    """Rotary scaling the arch's reader does not translate is refused, not ignored: llama and qwen2
+    read linear (and Llama 3's rope_freqs); chatglm reads linear as ChatGLM2-6B-32K's, from base 10000."""
+    kind = meta.get("rope.scaling.type", "none")
+    if kind == "none" or name in ROTARY:
+        return
+    if name == "chatglm" and kind == "linear":
+        if meta.get("rope.freq_base", 10000.0) != 10000.0:
+            raise LmzooError(f"rope.scaling.type=linear with rope.freq_base={meta['rope.freq_base']}: lmzoo's "
+                             "chatglm interpolates positions from base 10000 only (ChatGLM2-6B-32K)")
+        return
+    raise LmzooError(f"rope.scaling.type={kind!r} is not implemented for {name}")
+
+
 def _number(meta: dict, key: str):
     value = meta[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -322,7 +337,7 @@ def read_arch(meta: dict, tensor_names, source: str, rope_freqs: torch.Tensor | 
     """The architecture of a GGUF file and the Config its metadata and tensor list describe
     (and the `rope_freqs.weight` tensor, where the file has one)."""
     name = meta.get("general.architecture")
-    if name not in ARCH_BY_NAME:
+    if not isinstance(name, str) or name not in ARCH_BY_NAME:
         raise LmzooError(f"{source}: GGUF architecture {name!r} is not supported; "
                          f"supported: {', '.join(ARCH_BY_NAME)}")
     arch = ARCH_BY_NAME[name]
@@ -348,8 +363,12 @@ def read_arch(meta: dict, tensor_names, source: str, rope_freqs: torch.Tensor | 
             hf.update(_rotary_to_hf(ours, hf))
         if "rope_freqs.weight" in names:
             hf.update(_llama3_rope(rope_freqs, ours, hf))
+        _check_scaling(name, ours)
     except LmzooError as e:
         raise LmzooError(f"{source}: {name}.{e}") from None
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # a key of the wrong type, a zero count
+        raise LmzooError(f"{source}: GGUF metadata of this {name} model cannot be read "
+                         f"({type(e).__name__}: {e})") from None
     model_type = arch.pick_format(hf) or arch.formats[0]
     fmt = next(f for f in registry.FORMATS[model_type] if f.matches(hf))
     try:

@@ -273,8 +273,10 @@ def dequantize_rows(raw: torch.Tensor, type_name: str) -> torch.Tensor:
         raise LmzooError(f"type {type_name} cannot be dequantized; supported types: {', '.join(SUPPORTED_TYPES)}")
     data = raw.contiguous().numpy()
     fast = _BLOCK_DEQUANTIZERS.get(type_name)
-    out = fast(data) if fast else dequantize(data, qtype)
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(*raw.shape[:-1], -1))
+    out = np.ascontiguousarray(fast(data) if fast else dequantize(data, qtype), dtype=np.float32)
+    if not out.flags.writeable or np.shares_memory(out, data):  # F32 rows come back as a view of the file
+        out = out.copy()
+    return torch.from_numpy(out.reshape(*raw.shape[:-1], -1))
 
 
 # The three commonest block types, dequantized over a structured view of the whole tensor: the

@@ -41,6 +41,9 @@ def save_gguf(model: Decoder, path: str | os.PathLike, tokenizer=None, *, type: 
         raise LmzooError("this model has unmerged LoRA adapters: merge them first (`lmzoo merge`), "
                          "or write the adapter alone as a LoRA GGUF")
     arch, fmt, config, dropped = arch_for(model.config)
+    # the vocabulary first: a tokenizer GGUF cannot hold is refused before minutes of quantizing
+    vocabulary = ({"tokenizer.ggml.model": "none"} if tokenizer is None
+                  else tokenizer.gguf_metadata(config.vocab_size))
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()
              if ".lora_" not in k and not k.startswith("virtual.")}
     if config.tie_embeddings:
@@ -50,6 +53,10 @@ def save_gguf(model: Decoder, path: str | os.PathLike, tokenizer=None, *, type: 
     types["rope_freqs.weight"] = "F32"
     tensors = {**stack_experts(to_theirs(state, arch.names, config)), **extra_tensors(arch, config)}
     encoded = {n: _encode(t, n, types[n]) for n, t in tensors.items()}
+    rewritten = sorted({t for t in types.values() if t not in QUANTIZABLE})
+    if rewritten:  # --type auto on a K-quant file
+        dropped.append(f"matrices read as {', '.join(rewritten)} are written as Q8_0 (gguf-py, which lmzoo "
+                       "writes with, has no K-quant encoder)")
     matrix_types = [q.name for n, (_, q) in encoded.items() if tensors[n].ndim >= 2]
     metadata = {
         "general.type": "model",
@@ -57,7 +64,7 @@ def save_gguf(model: Decoder, path: str | os.PathLike, tokenizer=None, *, type: 
         **arch_metadata(arch, fmt, config),
         "general.file_type": FILE_TYPES.get(max(set(matrix_types), key=matrix_types.count), 1),
         "general.quantization_version": gguf.GGML_QUANT_VERSION,
-        **(tokenizer.gguf_metadata(config.vocab_size) if tokenizer is not None else {"tokenizer.ggml.model": "none"}),
+        **vocabulary,
     }
     return _write(path, arch.name, metadata, encoded), dropped
 

@@ -31,6 +31,9 @@ from .fuse import fuse_projections
 from .quant import Int4Linear, Int8Linear, int8_rows
 
 FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
+# The CPU int4 packing interleaves rows within blocks of 64: pieces packed apart concatenate only
+# when each starts on such a boundary.
+PACK_ROWS = 64
 CHUNK = 4096  # rows converted at a time
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
 
@@ -92,9 +95,12 @@ def load_gguf_quantized(path: str | None = None):
     model = build_meta_checked(config, {n: torch.empty(s, device="meta") for n, s in file.shapes.items()},
                                arch, path)
     matrices = [n for n, s in file.shapes.items() if len(s) >= 2]
-    raw = to_ours(gguf_format.prepare_tensors(arch, {n: file.raw(n) for n in matrices}), arch.names, config)[0]
-    kinds = {ours: file.tensor_types.get(gguf_format.stacked_name(arch.names.their_name(ours)),
-                                         _fused_type(file, arch, ours)) for ours in raw}
+    types = dict(file.tensor_types)
+    rows = {n: file.raw(n) for n in matrices}
+    _uniform_parts(file, arch, rows, types)
+    raw = to_ours(gguf_format.prepare_tensors(arch, rows), arch.names, config)[0]
+    kinds = {ours: types.get(gguf_format.stacked_name(arch.names.their_name(ours)))
+             or _fused_type(types, arch, ours) for ours in raw}
     vectors = [n for n, s in file.shapes.items() if len(s) < 2 and n != "rope_freqs.weight"]
     floats = to_ours(gguf_format.prepare_tensors(arch, {n: file.dequantized(n) for n in vectors}),
                      arch.names, config)[0]
@@ -116,10 +122,14 @@ def load_gguf_quantized(path: str | None = None):
                 new = nn.Linear(module.in_features, module.out_features, bias=False)
                 new.weight.copy_(torch.cat([dequantized(p) for p in parts]))
             elif all(kinds[p] in FOUR_BIT for p in parts) and module.out_features % 16 == 0:  # the kernel's tiles
-                # in chunks of rows, so that a 100M-weight head never exists as int32 or float at once
-                packed, scales, zeros = zip(*(_int4_rows(raw[p][i:i + CHUNK], kinds[p])
-                                              for p in parts for i in range(0, len(raw[p]), CHUNK)), strict=True)
-                new = Int4Linear(None, parts=(torch.cat(packed), torch.cat(scales), torch.cat(zeros), bias))
+                if all(len(raw[p]) % PACK_ROWS == 0 for p in parts):
+                    # in chunks of rows, so that a 100M-weight head never exists as int32 or float at once
+                    packed, scales, zeros = zip(*(_int4_rows(raw[p][i:i + CHUNK], kinds[p])
+                                                  for p in parts for i in range(0, len(raw[p]), CHUNK)), strict=True)
+                    new = Int4Linear(None, parts=(torch.cat(packed), torch.cat(scales), torch.cat(zeros), bias))
+                else:  # packed pieces would not meet at the packing's 64-row boundaries: pack it whole
+                    qs, scales, zeros = zip(*(q4_parts(raw[p], kinds[p]) for p in parts), strict=True)
+                    new = Int4Linear(None, parts=(torch.cat(qs), torch.cat(scales), torch.cat(zeros), bias))
             else:
                 qweight, scale = zip(*(int8_rows(dequantize_rows(raw[p][i:i + CHUNK], kinds[p]))
                                        for p in parts for i in range(0, len(raw[p]), CHUNK)), strict=True)
@@ -180,14 +190,26 @@ def _int4_rows(raw: torch.Tensor, qtype: str):
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 8), scale, zero
 
 
-def _fused_type(file, arch, ours: str) -> str:
-    """A matrix fused on load (a chatglm file's separate q, k, v): the type its parts share."""
+def _fused_type(types: dict, arch, ours: str) -> str:
+    """A matrix fused on load (a chatglm file's separate q, k, v): the type its parts share
+    (_uniform_parts made them share one)."""
     stem = arch.names.their_name(ours).replace("attn_qkv", "attn_q")
-    kinds = {file.tensor_types.get(stem.replace("attn_q", f"attn_{p}")) for p in "qkv"}
-    if len(kinds) != 1:
-        raise LmzooError(f"{file.path}: q, k and v of {stem} have different types {sorted(map(str, kinds))}; "
-                         "load it with dtype=float32")
-    return kinds.pop()
+    return types[stem]
+
+
+def _uniform_parts(file, arch, rows: dict, types: dict) -> None:
+    """q, k and v that the arch fuses on load (chatglm's, from transformers' glm) are joined as rows of
+    bytes, which needs one type: where a file gives them different ones (a Q4_K_M file's Q6_K v), the
+    three are dequantized to F32 rows first (and then kept as int8), in place in `rows` and `types`."""
+    if arch.prepare is not gguf_format.fuse_qkv:
+        return
+    for name in list(rows):
+        if ".attn_q." in name:
+            parts = [name.replace(".attn_q.", f".attn_{p}.") for p in "qkv"]
+            if all(p in rows for p in parts) and len({types[p] for p in parts}) > 1:
+                for p in parts:
+                    rows[p] = file.dequantized(p).view(torch.uint8)
+                    types[p] = "F32"
 
 
 def _parts(name: str, model) -> list[str]:

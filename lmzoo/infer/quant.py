@@ -72,7 +72,8 @@ class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear | None, group_size: int = 32, compute_dtype=torch.bfloat16, *, parts=None):
         """From a float nn.Linear (min/max per group), or from `parts` = (q int [n, k] in 0..15, or
         a CPU-packed [n, k/2] uint8 tensor, scale [n, k/gs], zero [n, k/gs], bias or None) already
-        quantized (a GGUF file's Q4 blocks). The CPU packing is row by row, so packed rows concatenate."""
+        quantized (a GGUF file's Q4 blocks). The CPU packing interleaves rows within blocks of 64, so
+        packed pieces concatenate when each has a multiple of 64 rows."""
         super().__init__()
         packed = None
         if parts is not None and parts[0].dtype == torch.uint8:  # packed already (CPU layout)
