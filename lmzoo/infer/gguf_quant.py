@@ -160,6 +160,9 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("rows", rows)
         self.register_buffer("probe", torch.empty(0, dim), persistent=False)
         self.kind, self.embedding_dim = kind, dim
+        # other types dequantize in numpy, which a compiled step must not trace; disable() imports
+        # torch._dynamo (~0.9 s), so only for them
+        self._numpy_rows = None if kind in ("Q4_0", "Q4_1", "Q8_0") else torch.compiler.disable(dequantize_rows)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -175,13 +178,8 @@ class QuantizedEmbedding(nn.Module):
             d = blocks[..., 0:2].contiguous().view(torch.float16).float()
             out = blocks[..., 2:].contiguous().view(torch.int8).float() * d
         else:
-            out = _numpy_rows(rows, self.kind)
+            out = self._numpy_rows(rows, self.kind)
         return out.reshape(*ids.shape, self.embedding_dim)
-
-
-@torch.compiler.disable
-def _numpy_rows(rows: torch.Tensor, kind: str) -> torch.Tensor:
-    return dequantize_rows(rows, kind)
 
 
 def _int4_rows(raw: torch.Tensor, qtype: str):
