@@ -18,6 +18,8 @@ fusion are applied to the blocks themselves, by the same functions that load a f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -98,7 +100,7 @@ def load_gguf_quantized(path: str | None = None):
     types = dict(file.tensor_types)
     rows = {n: file.raw(n) for n in matrices}
     _uniform_parts(file, arch, rows, types)
-    raw = to_ours(gguf_format.prepare_tensors(arch, rows), arch.names, config)[0]
+    raw = _OurRows(gguf_format.prepare_tensors(arch, rows), arch.names, config)
     kinds = {ours: types.get(gguf_format.stacked_name(arch.names.their_name(ours)))
              or _fused_type(types, arch, ours) for ours in raw}
     vectors = [n for n, s in file.shapes.items() if len(s) < 2 and n != "rope_freqs.weight"]
@@ -186,6 +188,36 @@ def _int4_rows(raw: torch.Tensor, qtype: str):
     """Q4 rows -> (rows packed for the CPU int4 kernel, scale, zero)."""
     q, scale, zero = q4_parts(raw, qtype)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 8), scale, zero
+
+
+class _OurRows(Mapping):
+    """The file's rows under our names, each transformed (llama's q/k row permutation) when read,
+    not all at once: a 70B file's permuted q and k would otherwise be ~3 GB of copies side by side.
+    The last few are kept, since a module reads its rows more than once."""
+
+    def __init__(self, prepared: dict, names, config):
+        self._prepared, self._config = prepared, config
+        self._source = {}
+        for theirs in prepared:
+            ours, transform = names.ours(theirs)
+            if ours is not None:
+                self._source[ours] = (theirs, transform)
+        self._recent: dict = {}
+
+    def __getitem__(self, ours: str) -> torch.Tensor:
+        if ours not in self._recent:
+            theirs, transform = self._source[ours]
+            rows = self._prepared[theirs]
+            self._recent[ours] = transform(rows, self._config) if transform else rows
+            while len(self._recent) > 4:
+                self._recent.pop(next(iter(self._recent)))
+        return self._recent[ours]
+
+    def __iter__(self):
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
 
 
 def _fused_type(types: dict, arch, ours: str) -> str:
