@@ -157,16 +157,9 @@ def _random_blocks(rng, qtype, n_blocks):
 
 def _write(path, tensors, **kv):
     """tensors: name -> (array, raw_dtype or None). Raw uint8 arrays are byte rows, as ggml stores them."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in kv.items():
-        w.add_string(key, value)
-    for name, (array, raw_dtype) in tensors.items():
-        w.add_tensor(name, array, raw_dtype=raw_dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    from lmzoo.formats.gguf_write import write_gguf_file
+
+    return write_gguf_file(path, "llama", kv, tensors)
 
 
 # ---------------------------------------------------------------- dequantization correctness

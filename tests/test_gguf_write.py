@@ -237,24 +237,18 @@ def test_convert_lora_writes_each_update_as_llama_cpp_applies_it(tmp_path):
 def rewrite(src, out, *, drop=(), set_keys=None, tensors=None, types=None, raw=None):
     """A copy of a GGUF file with keys dropped or changed and tensors replaced (float tensors, or
     raw: name -> (ggml bytes, type)); each written F32, or quantized to types[name] by gguf-py."""
-    from lmzoo.formats.gguf_write import _add
+    from lmzoo.formats.gguf_write import write_gguf_file
 
     file = read_gguf(src)
-    writer = gguf.GGUFWriter(str(out), file.metadata["general.architecture"])
-    for key, value in {**file.metadata, **(set_keys or {})}.items():
-        if key not in drop and key != "general.architecture":
-            _add(writer, key, value)
+    metadata = {k: v for k, v in {**file.metadata, **(set_keys or {})}.items() if k not in drop}
+    encoded = {}
     for name, t in {**file.tensors, **(tensors or {})}.items():
         qtype = gguf.GGMLQuantizationType[(types or {}).get(name, "F32")]
         data = t.numpy() if qtype.name == "F32" else gguf.quants.quantize(t.numpy(), qtype)
         if name in (raw or {}):
             data, qtype = raw[name][0], gguf.GGMLQuantizationType[raw[name][1]]
-        writer.add_tensor(name, data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(out)
+        encoded[name] = (data, qtype)
+    return write_gguf_file(out, file.metadata["general.architecture"], metadata, encoded)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -145,10 +145,11 @@ class GGUFArch:
     prepare: Callable[[dict], dict] = lambda tensors: tensors
     # what llama.cpp's graph for this arch cannot run although the HF format can say it: {field: ok?}
     limits: Callable[[Config], dict[str, bool]] = lambda c: {}
-
-
-def _biases(names: set, hf: dict) -> dict:
-    return {"attention_bias": "blk.0.attn_q.bias" in names, "mlp_bias": "blk.0.ffn_up.bias" in names}
+    # rotary: the generic keys (rope.dimension_count, rope.scaling.*: _rotary_to_hf / _rotary_from_hf),
+    # the rope.scaling.type values the arch's reader translates, and Llama 3's rope_freqs tensor
+    rotary_keys: bool = False
+    scalings: tuple[str, ...] = ()
+    rope_freqs: bool = False
 
 
 def _rotary_to_hf(meta: dict, hf: dict) -> dict:
@@ -157,11 +158,8 @@ def _rotary_to_hf(meta: dict, hf: dict) -> dict:
     rotated = meta.get("rope.dimension_count", head_dim)
     if rotated != head_dim:
         out["partial_rotary_factor"] = rotated / head_dim
-    kind = meta.get("rope.scaling.type", "none")
-    if kind == "linear":
+    if meta.get("rope.scaling.type") == "linear":  # the only type the arch's `scalings` let through
         out["rope_scaling"] = {"rope_type": "linear", "factor": _number(meta, "rope.scaling.factor")}
-    elif kind != "none":
-        raise LmzooError(f"rope.scaling.type={kind!r} is not implemented (only linear)")
     return out
 
 
@@ -181,12 +179,12 @@ def _rotary_from_hf(hf: dict, c: Config) -> dict:
 
 def extra_tensors(arch: GGUFArch, c: Config) -> dict[str, torch.Tensor]:
     """Tensors a GGUF file holds that are not weights: Llama 3's rotary factors."""
-    return {"rope_freqs.weight": rope_factors(c)} if arch.name == "llama" and c.rope_scaling == "llama3" else {}
+    return {"rope_freqs.weight": rope_factors(c)} if arch.rope_freqs and c.rope_scaling == "llama3" else {}
 
 
 def _llama_to_hf(meta: dict, names: set) -> dict:
-    hf = {**_biases(names, meta), "tie_word_embeddings": "output.weight" not in names}
-    return hf
+    return {"attention_bias": "blk.0.attn_q.bias" in names, "mlp_bias": "blk.0.ffn_up.bias" in names,
+            "tie_word_embeddings": "output.weight" not in names}
 
 
 _LLAMA_KEYS = {
@@ -207,6 +205,7 @@ ARCHES = [
         pick_format=lambda hf: "mixtral" if hf.get("num_local_experts") else "llama",
         # its rotary applies to whole heads (llama.cpp checks rope.dimension_count == head width)
         limits=lambda c: {f"rope_fraction={c.rope_fraction}": c.rope_fraction == 1.0},
+        rotary_keys=True, scalings=("linear",), rope_freqs=True,
         # As llama.cpp's converter: Mistral's window is not written (its llama graph attends densely,
         # which equals the window up to `sliding_window` tokens).
         dropped={"sliding_window": (None, "llama.cpp's llama architecture has no sliding window: it attends to "
@@ -217,7 +216,8 @@ ARCHES = [
              limits=lambda c: {f"rope_fraction={c.rope_fraction}": c.rope_fraction == 1.0,
                                f"head_dim={c.head_size} * n_heads != d_model": c.head_size * c.n_heads == c.d_model},
              dropped={"sliding_window": (None, "llama.cpp's qwen2 architecture has no sliding window: it attends "
-                                               "to every token, the same model up to the window's length")}),
+                                               "to every token, the same model up to the window's length")},
+             rotary_keys=True, scalings=("linear",)),
     GGUFArch(
         "gpt2", ("gpt2",), GPT2_NAMES,
         {"context_length": "n_positions", "embedding_length": "n_embd", "block_count": "n_layer",
@@ -246,6 +246,9 @@ def _chatglm_to_hf(meta: dict, names: set) -> dict:
     rotated = meta.get("rope.dimension_count", d // heads // 2)
     # llama.cpp's linear scaling divides the positions: ChatGLM2-6B-32K's meaning of rope_ratio
     interpolated = meta.get("rope.scaling.type") == "linear"
+    if interpolated and meta.get("rope.freq_base", 10000.0) != 10000.0:
+        raise LmzooError(f"rope.scaling.type=linear with rope.freq_base={meta['rope.freq_base']}: lmzoo's "
+                         "chatglm interpolates positions from base 10000 only (ChatGLM2-6B-32K)")
     ratio = _number(meta, "rope.scaling.factor") if interpolated else meta.get("rope.freq_base", 10000.0) / 10000.0
     return {"multi_query_attention": True, "kv_channels": 2 * rotated, "rope_ratio": ratio,
             **({"_name_or_path": "THUDM/chatglm2-6b-32k"} if interpolated else {}),
@@ -297,7 +300,7 @@ ARCHES += [
         vocab_field="padded_vocab_size",
         # transformers' glm is the same model with q, k, v apart, which llama.cpp's chatglm also reads
         also={"glm": lambda c: c.replace(fused_qkv=True, family="chatglm")},
-        prepare=fuse_qkv,
+        prepare=fuse_qkv, scalings=("linear",),  # ChatGLM2-6B-32K's position interpolation
         limits=lambda c: {f"norm={c.norm!r}": c.norm == "rmsnorm", f"norm_position={c.norm_position!r}":
                           c.norm_position == "pre", f"final_norm={c.final_norm}": c.final_norm,
                           f"o_bias={c.o_bias}, mlp_bias={c.mlp_bias}": not (c.o_bias or c.mlp_bias),
@@ -307,21 +310,13 @@ ARCHES += [
              extra_from_hf=lambda hf, c: {"rope.dimension_count": int(c.head_size * c.rope_fraction)}),
 ]
 ARCH_BY_NAME = {a.name: a for a in ARCHES}
-ROTARY = {"llama", "qwen2"}  # arches whose rotary fields go through _rotary_to_hf / _rotary_from_hf
 
 
-def _check_scaling(name: str, meta: dict) -> None:
-    """Rotary scaling the arch's reader does not translate is refused, not ignored: llama and qwen2
-    read linear (and Llama 3's rope_freqs); chatglm reads linear as ChatGLM2-6B-32K's, from base 10000."""
+def _check_scaling(arch: GGUFArch, meta: dict) -> None:
+    """Rotary scaling the arch's reader does not translate is refused, not ignored."""
     kind = meta.get("rope.scaling.type", "none")
-    if kind == "none" or name in ROTARY:
-        return
-    if name == "chatglm" and kind == "linear":
-        if meta.get("rope.freq_base", 10000.0) != 10000.0:
-            raise LmzooError(f"rope.scaling.type=linear with rope.freq_base={meta['rope.freq_base']}: lmzoo's "
-                             "chatglm interpolates positions from base 10000 only (ChatGLM2-6B-32K)")
-        return
-    raise LmzooError(f"rope.scaling.type={kind!r} is not implemented for {name}")
+    if kind not in ("none", *arch.scalings):
+        raise LmzooError(f"rope.scaling.type={kind!r} is not implemented for {arch.name}")
 
 
 def _number(meta: dict, key: str):
@@ -359,11 +354,11 @@ def read_arch(meta: dict, tensor_names, source: str, rope_freqs: torch.Tensor | 
         hf[arch.vocab_field] = (len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta
                             else _number(ours, "vocab_size"))
         hf.update(arch.extra_to_hf(ours, names))
-        if name in ROTARY:
+        _check_scaling(arch, ours)
+        if arch.rotary_keys:
             hf.update(_rotary_to_hf(ours, hf))
         if "rope_freqs.weight" in names:
             hf.update(_llama3_rope(rope_freqs, ours, hf))
-        _check_scaling(name, ours)
     except LmzooError as e:
         raise LmzooError(f"{source}: {name}.{e}") from None
     except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # a key of the wrong type, a zero count
@@ -559,7 +554,7 @@ def arch_metadata(arch: GGUFArch, fmt: HFFormat, c: Config) -> dict:
         value = hf.get(field_)
         if value is not None:
             meta[key] = value
-    if arch.name in ROTARY:
+    if arch.rotary_keys:
         meta.update(_rotary_from_hf(hf, c))
     # Written only where heads are not d_model / n_heads wide, and then both, as llama.cpp reads them.
     if c.head_size * c.n_heads == c.d_model:

@@ -66,14 +66,16 @@ def save_gguf(model: Decoder, path: str | os.PathLike, tokenizer=None, *, type: 
         "general.quantization_version": gguf.GGML_QUANT_VERSION,
         **vocabulary,
     }
-    return _write(path, arch.name, metadata, encoded), dropped
+    return write_gguf_file(path, arch.name, metadata, encoded), dropped
 
 
 def _stem_of(path) -> str:
     return os.path.splitext(os.path.basename(os.fspath(path)))[0]
 
 
-def _write(path, arch_name: str, metadata: dict, encoded: dict) -> str:
+def write_gguf_file(path, arch_name: str, metadata: dict, encoded: dict) -> str:
+    """A GGUF file, atomically: metadata as Python values (typed by _add), tensors as
+    name -> (numpy data, ggml type or None for a float array's own)."""
     import gguf
 
     path = os.path.abspath(os.fspath(path))
@@ -133,7 +135,7 @@ def save_lora_gguf(model: Decoder, path: str | os.PathLike, *, type: str = "f32"
     encoded = {n: _encode(t, n, TYPES[type]) for n, t in tensors.items()}
     metadata = {"general.type": "adapter", "general.name": name or _stem_of(path), "adapter.type": "lora",
                 "adapter.lora.alpha": alpha, "general.quantization_version": gguf.GGML_QUANT_VERSION}
-    return _write(path, arch.name, metadata, encoded)
+    return write_gguf_file(path, arch.name, metadata, encoded)
 
 
 def _encode(t: torch.Tensor, name: str, type_name: str):
