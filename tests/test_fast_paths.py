@@ -12,7 +12,6 @@ from lmzoo.errors import LmzooError
 from lmzoo.infer.fuse import fuse_projections
 from lmzoo.infer.prepare import PackedLinear, prepare_for_inference
 from lmzoo.infer.quant import Int4Linear, Int8Linear, quantize
-from lmzoo.nn.generate import left_pad
 from lmzoo.nn.head_loss import ChunkedHeadCrossEntropy
 from lmzoo.nn.model import RMSNorm
 
@@ -424,91 +423,3 @@ def test_attention_by_products_equals_sdpa(case):
         assert attention_by_products(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, False).isfinite().all()
 
 
-def compiled_matches_eager(model, quantize=None, batch=True):
-    """Prepare `model` twice, eager and compiled, and check every decode step's logits (fp32: to
-    1e-4; bf16 kernels: to two bf16 steps) and greedy tokens, for a left-padded batch (padding
-    masks inside the graph; unless batch=False) and a single prompt (a graph of its own: one row).
-    Returns the compiled model."""
-    eager = prepare_for_inference(copy.deepcopy(model), quantize)
-    compiled = prepare_for_inference(copy.deepcopy(model), quantize, compile=True)
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (9, 4)]
-    padded, padding = left_pad(prompts)
-    for ids, mask in ((padded, padding), (padded[:1], None))[0 if batch else 1:]:
-        with torch.inference_mode():  # as in lmzoo.nn.generate: a cache made outside would be another graph
-            caches = [m.new_cache(ids.shape[0], ids.shape[1] + 8) for m in (eager, compiled)]
-            tokens = [eager.lm_head(eager.hidden_states(ids, attention_mask=mask, cache=c)[:, -1]).argmax(-1)
-                      for c in caches]
-            for _ in range(8):
-                assert torch.equal(tokens[0], tokens[1])
-                a = eager(tokens[0][:, None], cache=caches[0])
-                b = compiled.decode_step(tokens[1][:, None], caches[1])
-                # fp32 to 1e-4; bf16 weights, and quantized layers (they compute in bf16), to two bf16
-                # steps of the largest logit
-                fp32 = quantize is None and model.tok_emb.weight.dtype == torch.float32
-                tol = 1e-4 if fp32 else 2 ** -6 * a.abs().max().item()
-                assert (b - a).abs().max() <= tol, f"{quantize or 'fp32'}: {(b - a).abs().max():.3g} > {tol:.3g}"
-                tokens = [a[:, -1].argmax(-1), b[:, -1].argmax(-1)]
-    prompts = prompts if batch else prompts[:1]
-    assert compiled.generate(prompts, 6) == eager.generate(prompts, 6)  # through lmzoo.nn.generate
-    return compiled
-
-
-def test_compiled_decode_step_equals_eager():
-    """The compiled decode step (lmzoo.infer.compiled) against the eager one (packed weights), on fp32
-    and then on int4 weights in the same process: two compiled models must never share a graph."""
-    for mode in (None, "int4"):
-        assert compiled_matches_eager(small(), mode).decode_step.one_graph
-
-
-def test_compiled_step_runs_inductors_own_matrix_kernels(monkeypatch):
-    """On the CPU the compiled step's products run in kernels inductor generates for each shape,
-    wherever its benchmark at compile time finds them faster than ATen's (lmzoo.infer.compiled). Here
-    ATen's are taken out of the choice and the graph cache is off (the count below is taken as the
-    kernels are written), so those kernels are built and run for every product of a one-row step:
-    fp32, bf16 and int8 steps equal eager. Attention runs as SDPA here: its query-key product
-    (one_query_attention) has no template kernel (the keys are no weight), and without ATen's it
-    would have no kernel at all."""
-    from torch._dynamo.utils import counters
-
-    from lmzoo.infer import compiled
-    from lmzoo.nn import attention
-
-    settings = dict(compiled._CPU_SETTINGS, max_autotune_gemm_backends="CPP", fx_graph_cache=False)
-    monkeypatch.setattr(compiled, "_CPU_SETTINGS", settings)
-    monkeypatch.setattr(attention, "one_query_attention", lambda q, k, v, mask: F.scaled_dot_product_attention(
-        q, k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1),
-        attn_mask=mask))
-    for model, mode in ((small(), None), (small().to(torch.bfloat16), None), (small(), "int8")):
-        counters.clear()
-        compiled_matches_eager(model, mode, batch=False)
-        kernels = counters["inductor"]["cpp_templated_kernel_counter"]
-        assert kernels == 2 * 4 + 1, f"{mode}: {kernels}"  # 2 layers x 4 products, and the head
-
-
-def test_compiled_decode_step_with_a_graph_break_and_with_an_adapter():
-    """MoE routing is data-dependent, so a Mixtral step cannot be one graph: it falls back to a
-    compile that checks every module (with those checks skipped, layer 1's experts ran layer 0's
-    graph). And a P-tuning v2 adapter: its virtual keys sit at the front of the cache."""
-    from lmzoo.peft import PrefixConfig, add_virtual
-
-    tiny = dict(vocab_size=61, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
-    torch.manual_seed(0)
-    moe = lmzoo.from_config(lmzoo.preset("mixtral-8x7b").replace(**tiny, n_experts=4)).eval()
-    assert not compiled_matches_eager(moe).decode_step.one_graph
-    prefixed = lmzoo.from_config(lmzoo.preset("classic").replace(**tiny)).eval()
-    add_virtual(prefixed, PrefixConfig(n_virtual=4))
-    assert compiled_matches_eager(prefixed).decode_step.one_graph
-
-
-def test_compile_failure_is_one_clear_error(monkeypatch):
-    """Where torch.compile cannot work (no C++ compiler, say), decoding stops with an LmzooError
-    that says to run without --compile, not with an inductor traceback."""
-    def broken(fn, **kw):
-        def run(*a, **k):
-            raise RuntimeError("C++ compiler not found\nlong internal details")
-        return run
-    monkeypatch.setattr(torch, "compile", broken)
-    model = prepare_for_inference(small(), compile=True)
-    with pytest.raises(lmzoo.LmzooError, match="RuntimeError: C.. compiler not found.*without --compile"):
-        model.generate(torch.tensor([[1, 2, 3]]), 2)

@@ -1,103 +1,254 @@
-"""A compiled decode step: one token through the whole decoder as one torch.compile graph.
+"""A compiled decode step, built once per model layout and kept on disk.
 
-    model.decode_step = CompiledDecodeStep(model)   # what prepare_for_inference(..., compile=True) does
-    logits = model.decode_step(token_ids, cache)     # [B, 1] -> [B, 1, vocab]; lmzoo.nn.generate uses it
+    model.decode_step = CompiledDecodeStep(model)          # what prepare_for_inference(..., compile=True) does
+    logits = model.decode_step(token_ids, cache)            # [B, 1] -> [B, 1, vocab]; lmzoo.nn.generate uses it
+    CompiledDecodeStep(model, background=True)              # chat, serve: decode eagerly until it is built
 
 Decoding one token on a CPU runs about 45 small ops per block, each costing a few microseconds
 of Python and dispatch on top of its work. For a small model those costs are as large as the
-matrix products themselves (int4: ~8 of ~13 ms per token). Compiled, the norms, rotary,
-residuals and cache writes of a step become a few fused C++ loops, and the Python is gone.
+matrix products themselves. Compiled, the norms, rotary, residuals and cache writes of a step
+become a few fused C++ loops, and the Python is gone: the embedded model decodes ~2x faster
+(bench/startup.py, bench/bench.py).
 
-The step is compiled with dynamic shapes, so a growing cache and another prompt length reuse
-one graph instead of compiling again (one row and several rows are two graphs: torch
-specializes sizes of 1). The prompt itself is run eagerly (one call; its shapes vary from
-prompt to prompt).
+How it is built, and why so:
+- torch.export traces one decode step; AOTInductor compiles it to a shared library, packaged as
+  a .pt2 file. A later process loads that file in about two seconds, where torch.compile would
+  trace and compile again (1-3 minutes here, even with a warm cache).
+- The weights are inputs of the graph, not constants. The artifact holds only kernels (a few
+  MB); at each call the model's own tensors are passed in, so there is no second copy of the
+  weights, and one artifact serves every model of the same layout (a fine-tuned copy, say).
+- The file's name is a hash of everything the graph depends on: the model's modules, config and
+  tensor shapes and types, the cache's layout (rolling buffers, virtual tokens, padding, one row
+  or several), lmzoo's source, torch's version and the CPU. The same hash is stored inside the
+  package and checked on load: a file that cannot be loaded (truncated) or whose hash differs is
+  removed and built again, never used.
+- Shapes that vary (the cache's fill, its size, the batch) are symbolic. Where the model's code
+  branches on one (a sliding window reached or not), export narrows its range; a call outside
+  the ranges an artifact was built for decodes eagerly.
+- Each layout is built once, at the first call that needs it: in the foreground (generate), or
+  in a thread while the step decodes eagerly (chat, serve); the compiled step takes over at the
+  first call after it is ready.
 
-On the CPU the step's matrix products are inductor's own kernels (`max_autotune_gemm`, backend
-"CPP"): generated for each weight's shape at compile time and benchmarked there against ATen's,
-the faster kept. For one row they read the weights at ~29 GB/s on this 2-core machine, where
-ATen's int8 kernel reaches 12-13 GB/s at these small shapes (576 x 3072, say) and oneDNN's
-packed fp32 kernel ~20 GB/s: the whole step got 1.4-2x faster in fp32, bf16 and int8. They need
-the weights as constants of the graph ("freezing"), so the graph holds its own copy of them,
-laid out for its kernels. That costs a second copy of the weights, and time: the first compile
-benchmarks and builds those kernels (1-3 minutes on 2 cores), later processes find them in
-torch's compile cache (13-90 s). So it is opt-in: `lmzoo generate --compile`.
-
-Inside the compiled step attention for the one new query is a small product, a softmax and a
-weighted sum that inductor fuses (lmzoo.nn.attention.one_query_attention): SDPA's CPU kernel spent
-most of its time per call on set-up, ~62 us per layer in bf16.
-
-It computes what the eager step computes: the tests check equal greedy tokens, and logits
-within fp32 rounding (to two bf16 steps for bf16 weights and the bf16 kernels of int4/int8), in
-tests/test_fast_paths.py.
+It computes what the eager step computes: the tests check the logits (fp32 to 1e-4; bf16 kernels
+of int4/int8 to two bf16 steps) and greedy tokens, in tests/test_fast_paths.py. Where it cannot be
+built (no C++ compiler, or a model whose step export cannot trace, such as MoE routing), it says
+so in one line and the step decodes eagerly.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import types
+import copy
+import glob
+import hashlib
+import json
+import os
+import platform
+import sys
+import threading
 import warnings
 
 import torch
+from torch import nn
 
 from ..errors import LmzooError
+from ..formats.atomic import atomic_file
+from ..nn.cache import KVCache
 
-
-def _decode_step(model, input_ids, cache, position_ids=None):
-    return model(input_ids, cache=cache, position_ids=position_ids)
-
-
-_COPIES = itertools.count()
-
-# torch 2.13's kernel benchmark calls a deprecated storage API: not the user's concern.
+# torch 2.13's inductor calls a deprecated storage API, and warns of mixed bf16/fp16 in a kernel: not the
+# user's concern.
 warnings.filterwarnings("ignore", message="TypedStorage is deprecated", module="torch._inductor")
+warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed", module="torch._inductor")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
-# inductor's settings while the step compiles on a CPU (see above); quiet: the benchmark of each
-# shape's kernels would print a table per product.
-_CPU_SETTINGS = dict(freezing=True, max_autotune_gemm=True, max_autotune_gemm_backends="CPP,ATEN",
-                     autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+
+def cache_dir() -> str:
+    """Where compiled steps are kept: $LMZOO_CACHE_DIR, else $XDG_CACHE_HOME/lmzoo, else ~/.cache/lmzoo."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("LMZOO_CACHE_DIR") or os.path.join(base, "lmzoo")
+
+
+def _note(message: str) -> None:
+    print(f"lmzoo: {message}", file=sys.stderr, flush=True)
+
+
+class _Graph(nn.Module):
+    """One decode step as a function of tensors only: (weights, token ids, cache tensors[, positions])."""
+
+    def __init__(self, weightless, names: list[str], layout: tuple, positions: bool):
+        super().__init__()
+        self.__dict__["model"] = weightless  # not a submodule: export must see no weights but the inputs
+        self.names, self.layout, self.positions = names, layout, positions
+
+    def forward(self, weights, input_ids, tensors):
+        position_ids = tensors[-1] if self.positions else None
+        cache = KVCache.from_state(self.layout, tensors[:-1] if self.positions else tensors)
+        return torch.func.functional_call(self.model, dict(zip(self.names, weights, strict=True)), (input_ids,),
+                                          dict(cache=cache, position_ids=position_ids))
+
+
+class _Loaded:
+    """A loaded artifact: its runner, and the sizes of the inputs it was built for."""
+
+    def __init__(self, runner, sizes: list):
+        self.runner, self.sizes = runner, sizes  # per input after the weights, per dim: [lowest, highest or None]
+
+    def fits(self, inputs: list[torch.Tensor]) -> bool:
+        if len(inputs) != len(self.sizes):
+            return False
+        return all(t.dim() == len(dims) and all(lo <= n and (hi is None or n <= hi)
+                                                for n, (lo, hi) in zip(t.shape, dims, strict=True))
+                   for t, dims in zip(inputs, self.sizes, strict=True))
 
 
 class CompiledDecodeStep:
-    def __init__(self, model):
-        self.model = model
-        # Before each call torch.compile checks that its graph still applies ("guards"). Checking
-        # every module and weight of the model costs ~1 ms a token, as much as 4 of the 30 blocks,
-        # so the step first tries to skip those checks and guard only its inputs (token ids, cache).
-        # That is safe only when the whole step is ONE graph whose code belongs to this model alone:
-        # - fullgraph=True: any graph break (MoE's data-dependent routing, say) would compile the
-        #   module's own method as a separate frame, whose graph the same module type in another
-        #   layer or another model would then reuse unchecked. Such models fall back to a
-        #   compile with every guard (below).
-        # - compiled graphs are kept per code object, so each model gets its own copy of the
-        #   step's code: two models in one process never share a graph.
-        # The model must not be changed after it is prepared (prepare a fresh one instead).
-        code = _decode_step.__code__
-        name = f"decode_step_{next(_COPIES)}"
-        self.step = types.FunctionType(code.replace(co_name=name), _decode_step.__globals__)
-        self.compiled = torch.compile(self.step, dynamic=True, fullgraph=True,
-                                      options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-        self.one_graph = True
-        # torch.compile compiles inside a call (the first, or a new batch size's), so the settings
-        # apply to every call. CUDA keeps inductor's defaults: these were measured on CPUs only.
-        on_cpu = model.tok_emb.weight.device.type == "cpu"
-        self.settings = torch._inductor.config.patch(**_CPU_SETTINGS) if on_cpu else contextlib.nullcontext()
+    def __init__(self, model: nn.Module, *, background: bool = False, directory: str | None = None):
+        self.model, self.background = model, background
+        self.directory = os.path.join(directory or cache_dir(), "compiled")
+        named = [*model.named_parameters(), *model.named_buffers()]
+        self.names, self.weights = [n for n, _ in named], [t for _, t in named]
+        # export traces a copy whose tensors are weightless: the real ones are the graph's inputs,
+        # and a thread tracing it never touches the model that decodes meanwhile
+        memo = {id(t): nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
+                if isinstance(t, nn.Parameter) else torch.empty_like(t, device="meta") for t in self.weights}
+        self.weightless = copy.deepcopy(model, memo)
+        self.model_key = _model_key(model, named)
+        self.steps: dict[tuple, _Loaded | None] = {}  # by layout; None: not available (building, or failed)
+        self.lock = threading.Lock()
+        self.failed: str | None = None
+        self.compiled_calls = 0  # steps the compiled graph ran (the rest decoded eagerly)
 
-    def __call__(self, input_ids: torch.Tensor, cache, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, cache: KVCache, position_ids: torch.Tensor | None = None):
         """Logits [B, 1, vocab]; position_ids [B, 1] when rows are not where the cache says
         (lmzoo.serve's rows, aligned at their last slot)."""
+        layout, tensors = cache.state()
+        key = (layout, input_ids.shape[0] == 1, position_ids is not None)
+        inputs = [input_ids, *tensors, *([position_ids] if position_ids is not None else [])]
+        # an example whose cache holds one slot would build a graph for exactly one (torch specializes 1s)
+        new = key not in self.steps and self.failed is None and cache.length > 1
+        with self.lock:
+            step = self.steps.get(key)
+            if new:
+                self.steps[key] = None
+        if new:
+            if self.background:
+                threading.Thread(target=self._build, args=(key, inputs), daemon=True).start()
+            else:
+                self._build(key, inputs)
+                step = self.steps.get(key)
+        if step is None or not step.fits(inputs):
+            return self.model(input_ids, cache=cache, position_ids=position_ids)
+        out = step.runner.boxed_run([*self.weights, *inputs])[0]
+        self.compiled_calls += 1
+        cache.length += input_ids.shape[1]  # the graph advanced a copy of the cache; its tensors are written
+        return out
+
+    # ------------------------------------------------------------------ building and loading
+    def _build(self, key: tuple, inputs: list[torch.Tensor]) -> None:
         try:
-            with self.settings:
-                return self.compiled(self.model, input_ids, cache, position_ids)
-        except LmzooError:
-            raise
-        except Exception as e:
-            if self.one_graph:  # not one graph (a graph break): nothing has run yet; compile with every guard
-                self.one_graph = False
-                self.compiled = torch.compile(self.step, dynamic=True)
-                return self(input_ids, cache, position_ids)
-            # a missing C++ compiler, an unsupported op: say what to do instead
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise LmzooError(f"torch.compile could not compile the decode step ({type(e).__name__}: {first[:200]}); "
-                             "run without --compile (compile=False)") from e
+            loaded = self._load_or_build(key, inputs)
+        except Exception as e:  # noqa: BLE001 - any failure to compile means: decode eagerly, and say why
+            first = (str(e).strip().splitlines() or [""])[0]
+            self.failed = f"{type(e).__name__}: {first[:200]}"
+            _note(f"the decode step could not be compiled ({self.failed}); decoding without it")
+            return
+        with self.lock:
+            self.steps[key] = loaded
+
+    def _load_or_build(self, key: tuple, inputs: list[torch.Tensor]) -> _Loaded:
+        layout, one_row, positions = key
+        digest = hashlib.sha256(json.dumps([self.model_key, repr(layout), one_row, positions, _machine_key()])
+                                .encode()).hexdigest()[:32]
+        path = os.path.join(self.directory, f"decode-{digest}.pt2")
+        loaded = _load(path, digest)
+        if loaded is not None:
+            return loaded
+        if not self.background:
+            _note(f"compiling the decode step once (about a minute for a small model); it is kept in {path}")
+        self._export_and_compile(key, inputs, path, digest)
+        loaded = _load(path, digest)
+        if loaded is None:
+            raise LmzooError(f"{path}: the compiled step just written cannot be loaded")
+        return loaded
+
+    def _export_and_compile(self, key, inputs, path: str, digest: str) -> None:
+        layout, _, positions = key
+        graph = _Graph(self.weightless, self.names, layout, positions)
+        # every size of the cache and the batch may vary, but not a size of 1 (a batch of one, say): torch
+        # specializes those, and so does the graph
+        auto = torch.export.Dim.AUTO
+        dynamic = [{d: auto for d, n in enumerate(t.shape) if n > 1} for t in inputs]
+        dynamic = [None] * len(self.weights), dynamic[0], dynamic[1:]
+        with torch.no_grad():
+            exported = torch.export.export(graph, (self.weights, inputs[0], inputs[1:]), dynamic_shapes=dynamic)
+        sizes = _input_sizes(exported, len(self.weights))
+        settings = {"aot_inductor.metadata": {"lmzoo_key": digest, "lmzoo_sizes": json.dumps(sizes)}}
+        if self.background:
+            settings["compile_threads"] = 1  # leave the other cores to the eager decoding meanwhile
+        os.makedirs(self.directory, exist_ok=True)
+        with atomic_file(path) as tmp:
+            torch._inductor.aoti_compile_and_package(exported, package_path=tmp + ".pt2", inductor_configs=settings)
+            os.replace(tmp + ".pt2", tmp)
+
+
+def _load(path: str, digest: str) -> _Loaded | None:
+    """The artifact at path, or None when there is none; a stale or unreadable one is removed. Its
+    metadata is read first: a library built for something else is never loaded into the process.
+    torch's C++ loader directly: torch._inductor's Python side would cost ~2 s of imports."""
+    if not os.path.exists(path):
+        return None
+    aoti = torch._C._aoti.AOTIModelPackageLoader
+    try:
+        meta = aoti.load_metadata_from_package(path, "model")
+        if meta.get("lmzoo_key") != digest:
+            raise LmzooError("built for another model, torch or CPU")
+        sizes = json.loads(meta["lmzoo_sizes"])
+        runner = aoti(path, "model", False, 1, -1)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign: never run it
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        _note(f"{path}: not a usable compiled step ({reason}); building it again")
+        os.remove(path)
+        return None
+    return _Loaded(runner, sizes)
+
+
+def _input_sizes(exported, n_weights: int) -> list:
+    """For each input after the weights, each dim's [lowest, highest or None] size, as export narrowed them
+    (a fixed size n is [n, n]): a call with other sizes must not run the artifact."""
+    by_name = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    sizes = []
+    for name in exported.graph_signature.user_inputs[n_weights:]:
+        dims = []
+        for size in by_name[name].meta["val"].shape:
+            if isinstance(size, torch.SymInt) and not size.node.expr.is_number:
+                r = exported.range_constraints[size.node.expr]
+                dims.append([int(r.lower), int(r.upper) if r.upper.is_Integer else None])
+            else:
+                dims.append([int(size), int(size)])
+        sizes.append(dims)
+    return sizes
+
+
+def _model_key(model: nn.Module, named) -> str:
+    """What a compiled graph depends on in the model: its modules, config, tensor shapes and types."""
+    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
+    return hashlib.sha256(json.dumps([repr(model), repr(getattr(model, "config", None)), tensors]).encode()).hexdigest()
+
+
+_MACHINE: list[str] = []
+
+
+def _machine_key() -> str:
+    """torch, Python, lmzoo's own source, and the CPU (its model and instruction sets)."""
+    if not _MACHINE:
+        h = hashlib.sha256(f"{torch.__version__} {sys.version_info[:2]} {platform.machine()}".encode())
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+            with open(path, "rb") as f:
+                h.update(f.read())
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                h.update("".join(sorted({line for line in f if line.startswith(("model name", "flags"))})).encode())
+        except OSError:
+            h.update(platform.processor().encode())
+        _MACHINE.append(h.hexdigest())
+    return _MACHINE[0]

@@ -176,7 +176,7 @@ class QuantizedEmbedding(nn.Module):
             q, scale, zero = q4_parts(rows, self.kind)
             out = (q.float() - 8).unflatten(-1, (-1, 32)) * scale[..., None] + zero[..., None]
         elif self.kind == "Q8_0":
-            blocks = rows.reshape(len(rows), -1, 34)
+            blocks = rows.unflatten(-1, (-1, 34))
             d = blocks[..., 0:2].contiguous().view(torch.float16).float()
             out = blocks[..., 2:].contiguous().view(torch.int8).float() * d
         else:

@@ -3,6 +3,7 @@
     prepare_for_inference(model)            # fuse, then pack the weights for the CPU's matmul library
     prepare_for_inference(model, "int8")    # fuse, then quantize (lmzoo.infer.quant) instead of packing
     prepare_for_inference(model, compile=True)  # ... and compile the decode step (lmzoo.infer.compiled)
+    prepare_for_inference(model, compile="background")  # ... decoding eagerly until it is compiled
 
 Decoding one token reads every weight once, so it is bound by memory bandwidth and by the
 overhead of each call. Four things help, in this order:
@@ -27,12 +28,13 @@ import weakref
 import torch
 from torch import nn
 
+from ..errors import LmzooError
 from ..nn.linear import ONEDNN, is_plain_linear, onednn_linear
 from .fuse import fuse_projections
 
-# Packed weights by handle, for the compiled decode step (lmzoo.infer.compiled): torch.compile cannot
-# trace an opaque oneDNN tensor, so a compiled graph calls `lmzoo::packed_linear` with the
-# weight's handle instead, and the op runs outside the graph. Weak: a freed module frees its weight.
+# Packed weights by handle, for a graph that torch.compile traces: it cannot trace an opaque oneDNN
+# tensor, so the graph calls `lmzoo::packed_linear` with the weight's handle instead, and the op runs
+# outside the graph. Weak: a freed module frees its weight.
 _PACKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
 
@@ -102,11 +104,15 @@ def pack_linears(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def prepare_for_inference(model: nn.Module, quantize: str | None = None, compile: bool = False) -> nn.Module:
+def prepare_for_inference(model: nn.Module, quantize: str | None = None, compile: bool | str = False) -> nn.Module:
     """Fuse projections, then quantize (`quantize` = "int8" or "int4") or pack the weights.
     In place; returns the model in eval mode. A LoRA adapter is merged into the weights first.
     compile=True also gives the model a compiled decode step (lmzoo.infer.compiled), which
-    lmzoo.nn.generate then uses for every token after the prompt."""
+    lmzoo.nn.generate then uses for every token after the prompt: built at the first token the
+    first time (about a minute), loaded from disk later. compile="background" decodes eagerly
+    while it is built."""
+    if compile not in (False, True, "background"):
+        raise LmzooError(f"compile={compile!r}: expected False, True or 'background'")
     from ..peft import strip_lora
 
     strip_lora(model)
@@ -117,11 +123,11 @@ def prepare_for_inference(model: nn.Module, quantize: str | None = None, compile
 
         quantize_weights(model, quantize)
     elif not compile:
-        # A compiled step makes its own kernels for the plain weights (lmzoo.infer.compiled); oneDNN's
-        # packed tensors are opaque to it, and a packed copy besides would be a third.
+        # A compiled step's graph takes the plain weights as its inputs (lmzoo.infer.compiled); oneDNN's
+        # packed tensors are opaque to it, and a packed copy besides would be a second.
         pack_linears(model)
     if compile:
         from .compiled import CompiledDecodeStep
 
-        model.decode_step = CompiledDecodeStep(model)
+        model.decode_step = CompiledDecodeStep(model, background=compile == "background")
     return model

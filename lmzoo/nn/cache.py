@@ -95,6 +95,39 @@ class KVCache:
             slots[kept % R] = kept
         self.length += n
 
+    # ------------------------------------------------------------------ as plain tensors
+    # A compiled decode step built ahead of time (lmzoo.infer.compiled) takes tensors, not this
+    # object: `state` splits a cache into what is fixed for a compiled graph (the layout: a Python
+    # tuple) and its tensors; `from_state` puts the two back together inside the graph.
+
+    def state(self) -> tuple[tuple, list[torch.Tensor]]:
+        """(layout, tensors). The last tensor's length is the number of filled slots (a new uninitialised
+        byte per slot: not a view of another input, which a graph's inputs must not be)."""
+        rings = sorted(self.ring_slots)
+        layout = (tuple(self.ring), self.n_virtual, self.all_valid, self.prefix_len is not None,
+                  self.rope_length is not None)
+        tensors = [*self.k, *self.v, self.key_valid, *(self.ring_slots[r] for r in rings)]
+        if self.prefix_len is not None:
+            tensors.append(self.prefix_len)
+        if self.rope_length is not None:  # a prompt length (int) when no row was padded
+            tensors.append(torch.as_tensor(self.rope_length, device=self.key_valid.device).expand(len(self.key_valid)))
+        return layout, [*tensors, torch.empty(self.length, dtype=torch.uint8, device=self.key_valid.device)]
+
+    @classmethod
+    def from_state(cls, layout: tuple, tensors: list[torch.Tensor]) -> KVCache:
+        ring, n_virtual, all_valid, has_prefix_len, has_rope_length = layout
+        cache = cls.__new__(cls)
+        n, rest = len(ring), iter(tensors[2 * len(ring):])
+        cache.ring, cache.k, cache.v = list(ring), list(tensors[:n]), list(tensors[n:2 * n])
+        cache.key_valid = next(rest)
+        cache.ring_slots = {r: next(rest) for r in sorted({r for r in ring if r})}
+        cache.prefix_len = next(rest) if has_prefix_len else None
+        cache.rope_length = next(rest) if has_rope_length else None
+        cache.length = next(rest).shape[0]
+        cache.max_len = cache.key_valid.shape[1] - 1
+        cache.n_virtual, cache.all_valid = n_virtual, all_valid
+        return cache
+
     def nbytes(self) -> int:
         """Bytes held by the keys and values."""
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

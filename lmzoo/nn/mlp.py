@@ -98,7 +98,8 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             token, slot = (chosen == e).nonzero(as_tuple=True)
-            if token.numel():
+            # eagerly an expert no token chose is skipped; a traced step cannot ask (the count is data)
+            if torch.compiler.is_compiling() or token.numel():
                 out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
         self.aux_loss = load_balancing_loss(probs, chosen) if self.training else None
         return out.reshape(shape)

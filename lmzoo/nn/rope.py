@@ -25,16 +25,20 @@ def inverse_frequencies(c: Config, seq_len: int | torch.Tensor | None = None) ->
 
     For 'ntk_alpha' seq_len may be a LongTensor [B] (each row's own length): then [B, d/2]."""
     d, base = c.rope_dims, c.rope_base
+    exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
     if c.rope_scaling == "ntk_alpha" and torch.is_tensor(seq_len):
-        return torch.stack([inverse_frequencies(c, int(n)) for n in seq_len.tolist()])
-    beyond = seq_len is not None and seq_len > c.max_seq_len
-    if c.rope_scaling == "dynamic" and beyond:
-        # Dynamic NTK: grow the base with the sequence so the lowest frequency still fits.
-        base = base * ((c.rope_factor * seq_len / c.max_seq_len) - (c.rope_factor - 1)) ** (d / (d - 2))
-    elif c.rope_scaling == "ntk_alpha" and beyond:
-        # Qwen1's variant: a power-of-two step of the length (see ntk_alpha).
-        base = base * ntk_alpha(seq_len, c.max_seq_len) ** (d / (d - 2))
-    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        # each row's own alpha, as ntk_alpha computes it, in tensor ops: a compiled step traces them
+        alpha = (2 ** torch.ceil(torch.log2(seq_len.double() / c.max_seq_len) + 1) - 1).clamp(min=1)
+        inv = 1.0 / ((base * alpha ** (d / (d - 2))).float()[:, None] ** exponents)
+    else:
+        beyond = seq_len is not None and seq_len > c.max_seq_len
+        if c.rope_scaling == "dynamic" and beyond:
+            # Dynamic NTK: grow the base with the sequence so the lowest frequency still fits.
+            base = base * ((c.rope_factor * seq_len / c.max_seq_len) - (c.rope_factor - 1)) ** (d / (d - 2))
+        elif c.rope_scaling == "ntk_alpha" and beyond:
+            # Qwen1's variant: a power-of-two step of the length (see ntk_alpha).
+            base = base * ntk_alpha(seq_len, c.max_seq_len) ** (d / (d - 2))
+        inv = 1.0 / (base ** exponents)
     if c.rope_fp16_frequencies:
         inv = inv.half().float()
     if c.rope_scaling == "linear":

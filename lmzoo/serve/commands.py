@@ -28,7 +28,9 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantization")
-    p.add_argument("--compile", action="store_true", help="compile each model's decode step (minutes, once)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with compiled steps (about 2x faster on CPU), built once per model layout in "
+                        "the background while the server answers eagerly, and kept in ~/.cache/lmzoo/compiled")
     p.set_defaults(run=cmd_serve)
 
 
@@ -73,11 +75,12 @@ def loader(args, adapters):
             if kind in ("LORA", SLICED):
                 lora = copy.deepcopy(base)  # folded into weights of its own: the base stays as it is
                 load_adapter(lora, path)
-                models[name] = prepare_for_inference(lora, args.quantize, compile=args.compile)
+                models[name] = prepare_for_inference(lora, args.quantize, compile=args.compile and "background")
             else:
                 load_adapter(base, path)
                 virtual[name], base.virtual = (base_name, base.virtual), None
-        models = {base_name: prepare_for_inference(base, args.quantize, compile=args.compile), **models}
+        compile = args.compile and "background"  # the server answers eagerly until a step is compiled
+        models = {base_name: prepare_for_inference(base, args.quantize, compile=compile), **models}
         engine = Engine(models, virtual, max_batch=args.max_batch, max_context=args.max_context,
                         max_queue=args.max_queue).start()
         print(f"lmzoo serve: ready; models: {', '.join(engine.names())}", file=sys.stderr, flush=True)
