@@ -190,11 +190,7 @@ def test_background_build_decodes_eagerly_then_compiled():
     prompt = [[7, 8, 9, 10, 11]]
     expected = eager.generate(prompt, 8)
     assert compiled.generate(prompt, 8) == expected
-    deadline = time.time() + 300
-    while compiled.decode_step.compiled_calls == 0 and time.time() < deadline:
-        assert compiled.generate(prompt, 8) == expected  # eager answers meanwhile, then compiled ones
-        time.sleep(0.5)
-    assert compiled.decode_step.compiled_calls > 0, compiled.decode_step.failed
+    _until_compiled(compiled, compiled.decode_step, prompt, expected)
 
 
 def test_bad_compile_argument_is_one_clear_error():
@@ -208,3 +204,56 @@ def test_machine_key_covers_torch_and_source(monkeypatch):
     monkeypatch.setattr(compiled_module, "_MACHINE", [])
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert compiled_module._machine_key() != key
+
+
+def _until_compiled(model, step, prompt, expected):
+    deadline = time.time() + 300
+    while step.compiled_calls == 0 and time.time() < deadline:
+        assert model.generate(prompt, 8) == expected  # eager answers meanwhile, then compiled ones
+        time.sleep(0.5)
+    assert step.compiled_calls > 0, step.failed
+
+
+def test_a_plain_model_generates_compiled_by_default_and_stays_trainable(monkeypatch):
+    """lmzoo.load() then model.generate(), with no prepare call: the first answers come eagerly while
+    the step builds in the background, then the compiled step runs, with the prepared path's tokens.
+    The model is then fine-tuned in place: the compiled step reads the new weights (they are its
+    inputs). A LoRA adapter changes the model's tensors: it gets a step of its own."""
+    from lmzoo.peft import LoraConfig, add_lora
+
+    monkeypatch.setenv("LMZOO_COMPILE", "1")  # the default (the test suite turns it off elsewhere)
+    model = tiny("classic", d_ff=72)
+    prompt = [[3, 4, 5, 6, 7]]
+    expected = prepare_for_inference(copy.deepcopy(model)).generate(prompt, 8)
+    assert model.generate(prompt, 8) == expected
+    step = compiled_module._DEFAULT_STEPS[model][1]
+    _until_compiled(model, step, prompt, expected)
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.loss(torch.tensor([[3, 4, 5, 6, 7, 9, 9, 9, 9, 9]])).backward()
+    optimizer.step()
+    model.eval()
+    tuned = prepare_for_inference(copy.deepcopy(model)).generate(prompt, 8)
+    assert tuned != expected  # the step changed the answer...
+    calls = step.compiled_calls
+    assert model.generate(prompt, 8) == tuned and step.compiled_calls > calls  # ...and the compiled step sees it
+
+    add_lora(model, LoraConfig(r=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    with_adapter = model.generate(prompt, 8, compile=False)
+    assert model.generate(prompt, 8) == with_adapter
+    assert compiled_module._DEFAULT_STEPS[model][1] is not step
+
+
+def test_the_default_step_is_off_in_training_mode_and_with_lmzoo_compile_0(monkeypatch):
+    model = tiny("classic")
+    monkeypatch.setenv("LMZOO_COMPILE", "0")
+    assert compiled_module.default_step(model) is None
+    monkeypatch.setenv("LMZOO_COMPILE", "1")
+    assert compiled_module.default_step(model.train()) is None
+    assert compiled_module.default_step(model.eval()) is not None
+    assert prepare_for_inference(model).decode_step is False  # prepared: eager unless compile=True

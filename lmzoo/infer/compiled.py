@@ -3,6 +3,7 @@
     model.decode_step = CompiledDecodeStep(model)          # what prepare_for_inference(..., compile=True) does
     logits = model.decode_step(token_ids, cache)            # [B, 1] -> [B, 1, vocab]; lmzoo.nn.generate uses it
     CompiledDecodeStep(model, background=True)              # chat, serve: decode eagerly until it is built
+    model.generate(...)  # a model not prepared for inference: the same, by default (default_step below)
 
 Decoding one token on a CPU runs about 45 small ops per block, each costing a few microseconds
 of Python and dispatch on top of its work. For a small model those costs are as large as the
@@ -46,6 +47,7 @@ import platform
 import sys
 import threading
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -102,7 +104,8 @@ class _Loaded:
 
 class CompiledDecodeStep:
     def __init__(self, model: nn.Module, *, background: bool = False, directory: str | None = None):
-        self.model, self.background = model, background
+        # weakly: the model holds its step (model.decode_step), and the default steps are kept by model
+        self.model_ref, self.background = weakref.ref(model), background
         self.directory = os.path.join(directory or cache_dir(), "compiled")
         named = [*model.named_parameters(), *model.named_buffers()]
         self.names, self.weights = [n for n, _ in named], [t for _, t in named]
@@ -136,7 +139,7 @@ class CompiledDecodeStep:
                 self._build(key, inputs)
                 step = self.steps.get(key)
         if step is None or not step.fits(inputs):
-            return self.model(input_ids, cache=cache, position_ids=position_ids)
+            return self.model_ref()(input_ids, cache=cache, position_ids=position_ids)
         out = step.runner.boxed_run([*self.weights, *inputs])[0]
         self.compiled_calls += 1
         cache.length += input_ids.shape[1]  # the graph advanced a copy of the cache; its tensors are written
@@ -188,6 +191,33 @@ class CompiledDecodeStep:
         with atomic_file(path) as tmp:
             torch._inductor.aoti_compile_and_package(exported, package_path=tmp + ".pt2", inductor_configs=settings)
             os.replace(tmp + ".pt2", tmp)
+
+
+# ---------------------------------------------------------------------- the default for plain models
+_DEFAULT_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its tensors' ids, step)
+
+
+def default_step(model: nn.Module) -> CompiledDecodeStep | None:
+    """The step a model that was not prepared for inference (`lmzoo.load()` then `model.generate()`)
+    decodes with: its compiled step, loaded from disk when it was built before (by any process, for
+    any model of the same layout), else built in the background while it decodes eagerly.
+
+    This is how the plain Python API gets the compiled speed without an extra call while the model
+    stays trainable: the weights are the graph's inputs, so the step reads them as they are now (a
+    fine-tuning step changes them in place), and a model whose tensors changed (an adapter added,
+    say) gets a step of its own. A model in training mode (dropout), off the CPU, or with
+    LMZOO_COMPILE=0 in the environment decodes eagerly."""
+    if os.environ.get("LMZOO_COMPILE", "1") == "0" or model.training:
+        return None
+    tensors = [*model.parameters(), *model.buffers()]
+    if not tensors or any(t.device.type != "cpu" or type(t) not in (torch.Tensor, nn.Parameter) for t in tensors):
+        return None
+    ids = tuple(map(id, tensors))
+    known = _DEFAULT_STEPS.get(model)
+    if known is None or known[0] != ids:
+        known = ids, CompiledDecodeStep(model, background=True)
+        _DEFAULT_STEPS[model] = known
+    return known[1]
 
 
 def _load(path: str, digest: str) -> _Loaded | None:

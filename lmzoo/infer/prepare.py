@@ -130,4 +130,6 @@ def prepare_for_inference(model: nn.Module, quantize: str | None = None, compile
         from .compiled import CompiledDecodeStep
 
         model.decode_step = CompiledDecodeStep(model, background=compile == "background")
+    else:  # asked not to compile: not the default step of plain models either (lmzoo.infer.compiled)
+        model.decode_step = False
     return model

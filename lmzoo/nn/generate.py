@@ -12,6 +12,11 @@ import torch
 
 from ..errors import LmzooError
 
+# The decode step of a model not prepared for inference: model -> a step, or None to decode eagerly.
+# lmzoo.infer.compiled sets it (its compiled step, built once per model layout); nn sits below infer
+# and cannot import it.
+default_decode_step = None
+
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -49,11 +54,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask=None,
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            stop_tokens: Sequence[int] | None = None, seed: int | None = None,
-           prefix_len: int | None = None) -> Iterator[torch.Tensor]:
+           prefix_len: int | None = None, compile: bool = True) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B] step by step until every row has stopped.
 
     A row stops after emitting a stop token; later steps yield `-1` for it. With prefix_len
     (or a prefix-LM config) the prompt is encoded bidirectionally, then decoding is causal.
+    compile=False: never the default compiled step (see default_decode_step) for this call.
     """
     c = model.config
     B, T = input_ids.shape
@@ -74,8 +80,12 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mas
     cache = model.new_cache(B, T + max_new_tokens)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    # A model prepared with compile=True decodes through its compiled step (lmzoo.infer.compiled).
-    step = getattr(model, "decode_step", None) or (lambda ids, cache: model(ids, cache=cache))
+    # A model prepared with compile=True decodes through its compiled step (lmzoo.infer.compiled); one
+    # prepared without it (decode_step False) eagerly; a plain one through the default step, if any.
+    step = getattr(model, "decode_step", None)
+    if step is None and compile and default_decode_step is not None:
+        step = default_decode_step(model)
+    step = step or (lambda ids, cache: model(ids, cache=cache))
     # The prompt's logits are needed at its last position only: apply the head there alone.
     hidden = model.hidden_states(input_ids, attention_mask=attention_mask, cache=cache, prefix_len=prefix_len)
     logits = model.lm_head(hidden[:, -1])
@@ -100,7 +110,7 @@ def generate(model, input_ids, max_new_tokens: int = 64, *, pad_id: int | None =
                different lengths, which are left-padded into one batch.
     Returns a LongTensor [B, T + n] for tensor input (rows that stopped early are filled with
     pad_id, default the first stop token or 0), or a list of token lists for list input.
-    options: temperature, top_k, top_p, stop_tokens, seed, attention_mask, prefix_len.
+    options: temperature, top_k, top_p, stop_tokens, seed, attention_mask, prefix_len, compile.
     """
     stop_tokens = options.get("stop_tokens") or []
     fill = pad_id if pad_id is not None else (min(stop_tokens) if stop_tokens else 0)

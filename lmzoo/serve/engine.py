@@ -334,7 +334,7 @@ class Engine:
         view = _rows_view(cache, n)
         positions = torch.tensor([[req.next_position] for req in batch.rows], device=cache.key_valid.device)
         step = getattr(batch.model, "decode_step", None)  # compiled (lmzoo.infer.compiled), when asked for
-        if step is not None:
+        if step:
             logits = step(batch.last[:, None], view, positions)[:, -1]
         else:
             logits = batch.model(batch.last[:, None], position_ids=positions, cache=view)[:, -1]

@@ -122,8 +122,9 @@ def exact_match(model, tokenizer, examples: list[Example], *, max_new_tokens: in
     pairs = []
     for start in range(0, len(scored), batch_size):
         chunk = scored[start:start + batch_size]
+        # eagerly: a compiled step built in the background would compete with this short evaluation
         outs = model.generate([ex.prompt for ex in chunk], max_new_tokens=max_new_tokens,
-                              stop_tokens=tokenizer.stop_ids)
+                              stop_tokens=tokenizer.stop_ids, compile=False)
         for ex, out in zip(chunk, outs, strict=True):
             new = [t for t in out[len(ex.prompt):] if t not in tokenizer.stop_ids]
             pairs.append((ex.answer, tokenizer.decode(new, skip_special_tokens=True)))
