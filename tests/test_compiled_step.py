@@ -74,12 +74,11 @@ def compiled_matches_eager(model, quantize=None, *, batch=False, positions=False
 
 
 def test_compiled_step_equals_eager_for_one_row_a_padded_batch_and_served_rows():
-    """fp32: one prompt, a left-padded batch (padding masked inside the graph), and rows given their
-    positions as lmzoo.serve gives them; then int4 weights. Each is a graph of its own, in one process."""
+    """fp32: one prompt, and a left-padded batch whose rows get their positions as lmzoo.serve gives
+    them; then int4 weights. Each is a graph of its own, in one process."""
     model = small()
     compiled_matches_eager(model)
-    compiled_matches_eager(model, batch=True)
-    compiled_matches_eager(model, batch=True, positions=True)
+    compiled_matches_eager(model, batch=True, positions=True)  # padding masked inside the graph too
     compiled_matches_eager(model, "int4")
 
 
@@ -146,19 +145,24 @@ def test_artifact_round_trip_in_a_new_process(tmp_path):
 
 
 def test_an_artifact_built_for_something_else_is_rejected_and_rebuilt(tmp_path, capfd, monkeypatch):
-    """Another model's artifact under this model's name (another torch or CPU would do the same: the
-    key is stored inside) is refused before its library is loaded, removed, and built again."""
+    """Another torch or CPU gives the same model another file name; a file built elsewhere but found
+    under that name (copied, say) holds the other key: it is refused before its library is loaded,
+    removed, and built again."""
+    import shutil
+
     monkeypatch.setenv("LMZOO_CACHE_DIR", str(tmp_path))
-    one, other = tiny("classic"), tiny("classic", d_ff=96)
-    compiled_matches_eager(one)
-    [foreign] = glob.glob(str(tmp_path / "compiled" / "*.pt2"))
-    compiled_matches_eager(other)  # where `other`'s step is kept: then the foreign file is put there
-    [mine] = [p for p in glob.glob(str(tmp_path / "compiled" / "*.pt2")) if p != foreign]
-    os.replace(foreign, mine)
+    model = tiny("classic")
+    step = compiled_matches_eager(model).decode_step
+    [key] = step.steps
+    built_here, _ = step.artifact(key)
+    monkeypatch.setattr(compiled_module, "_MACHINE", ["another torch, or another CPU"])
+    elsewhere, _ = prepare_for_inference(copy.deepcopy(model), compile=True).decode_step.artifact(key)
+    assert elsewhere != built_here
+    shutil.copy(built_here, elsewhere)
     capfd.readouterr()
-    compiled = compiled_matches_eager(other)
+    compiled = compiled_matches_eager(model)
     err = capfd.readouterr().err
-    assert "built for another model, torch or CPU" in err and mine in err
+    assert f"{elsewhere}: not a usable compiled step (built for another model, torch or CPU)" in err
     assert compiled.decode_step.compiled_calls > 0
 
 
@@ -183,7 +187,7 @@ def test_a_failed_compile_decodes_eagerly_with_one_line(monkeypatch, capfd):
 
 def test_background_build_decodes_eagerly_then_compiled():
     """compile="background" (chat, serve): the first answer comes at once, decoded eagerly, while a
-    thread builds the step; once built, the next answers run it, with the same tokens."""
+    child process compiles the step; once built, the next answers run it, with the same tokens."""
     model = tiny("classic", d_ff=80)
     eager = prepare_for_inference(copy.deepcopy(model))
     compiled = prepare_for_inference(model, compile="background")
@@ -191,6 +195,7 @@ def test_background_build_decodes_eagerly_then_compiled():
     expected = eager.generate(prompt, 8)
     assert compiled.generate(prompt, 8) == expected
     _until_compiled(compiled, compiled.decode_step, prompt, expected)
+    assert not any(t.is_alive() for t in compiled.decode_step.threads)
 
 
 def test_bad_compile_argument_is_one_clear_error():
@@ -246,7 +251,10 @@ def test_a_plain_model_generates_compiled_by_default_and_stays_trainable(monkeyp
                 p.normal_(std=0.5)
     with_adapter = model.generate(prompt, 8, compile=False)
     assert model.generate(prompt, 8) == with_adapter
-    assert compiled_module._DEFAULT_STEPS[model][1] is not step
+    adapted = compiled_module._DEFAULT_STEPS[model][1]
+    assert adapted is not step
+    adapted.wait()
+    assert model.generate(prompt, 8) == with_adapter and adapted.compiled_calls > 0, adapted.failed
 
 
 def test_the_default_step_is_off_in_training_mode_and_with_lmzoo_compile_0(monkeypatch):

@@ -26,9 +26,11 @@ How it is built, and why so:
 - Shapes that vary (the cache's fill, its size, the batch) are symbolic. Where the model's code
   branches on one (a sliding window reached or not), export narrows its range; a call outside
   the ranges an artifact was built for decodes eagerly.
-- Each layout is built once, at the first call that needs it: in the foreground (generate), or
-  in a thread while the step decodes eagerly (chat, serve); the compiled step takes over at the
-  first call after it is ready.
+- Each layout is built once, at the first call that needs it. That call traces the step (a few
+  seconds: tracing changes torch's process-wide state, so nothing may run beside it); then the
+  step is compiled there (generate), or by a child process while this one decodes eagerly (chat,
+  serve, and plain models by default); the compiled step takes over at the first call after it
+  is ready.
 
 It computes what the eager step computes: the tests check the logits (fp32 to 1e-4; bf16 kernels
 of int4/int8 to two bf16 steps) and greedy tokens, in tests/test_fast_paths.py. Where it cannot be
@@ -119,6 +121,7 @@ class CompiledDecodeStep:
         self.lock = threading.Lock()
         self.failed: str | None = None
         self.compiled_calls = 0  # steps the compiled graph ran (the rest decoded eagerly)
+        self.threads: list[threading.Thread] = []  # waiting for a child process that compiles a step
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache, position_ids: torch.Tensor | None = None):
         """Logits [B, 1, vocab]; position_ids [B, 1] when rows are not where the cache says
@@ -133,11 +136,8 @@ class CompiledDecodeStep:
             if new:
                 self.steps[key] = None
         if new:
-            if self.background:
-                threading.Thread(target=self._build, args=(key, inputs), daemon=True).start()
-            else:
-                self._build(key, inputs)
-                step = self.steps.get(key)
+            self._build(key, inputs)
+            step = self.steps.get(key)
         if step is None or not step.fits(inputs):
             return self.model_ref()(input_ids, cache=cache, position_ids=position_ids)
         out = step.runner.boxed_run([*self.weights, *inputs])[0]
@@ -145,35 +145,52 @@ class CompiledDecodeStep:
         cache.length += input_ids.shape[1]  # the graph advanced a copy of the cache; its tensors are written
         return out
 
+    def artifact(self, key: tuple) -> tuple[str, str]:
+        """(file, digest) of the step for `key` (a layout, one row or not, positions given or not): the
+        digest of everything its graph depends on, also stored inside the file."""
+        layout, one_row, positions = key
+        digest = hashlib.sha256(json.dumps([self.model_key, repr(layout), one_row, positions, _machine_key()])
+                                .encode()).hexdigest()[:32]
+        return os.path.join(self.directory, f"decode-{digest}.pt2"), digest
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the steps being built in the background are ready (or failed)."""
+        for thread in list(self.threads):
+            thread.join(timeout)
+
     # ------------------------------------------------------------------ building and loading
     def _build(self, key: tuple, inputs: list[torch.Tensor]) -> None:
+        """Load the step for `key`, or trace it here (seconds) and compile it: here (the foreground),
+        or in a child process while this one decodes eagerly (the background). Tracing never runs
+        beside the caller's work: it changes torch's process-wide tracing state."""
         try:
-            loaded = self._load_or_build(key, inputs)
+            path, digest = self.artifact(key)
+            loaded = _load(path, digest)
+            if loaded is None:
+                if not self.background:
+                    _note(f"compiling the decode step once (about a minute for a small model); it is kept in {path}")
+                exported, settings = self._export(key, inputs, digest)
+                os.makedirs(self.directory, exist_ok=True)
+                if self.background:
+                    thread = threading.Thread(target=self._compile_in_a_child, args=(key, exported, settings, path,
+                                                                                       digest), daemon=True)
+                    self.threads.append(thread)
+                    thread.start()
+                    return
+                _compile(exported, settings, path)
+                loaded = _loaded_or_error(path, digest)
         except Exception as e:  # noqa: BLE001 - any failure to compile means: decode eagerly, and say why
-            first = (str(e).strip().splitlines() or [""])[0]
-            self.failed = f"{type(e).__name__}: {first[:200]}"
-            _note(f"the decode step could not be compiled ({self.failed}); decoding without it")
+            self._failed(e)
             return
         with self.lock:
             self.steps[key] = loaded
 
-    def _load_or_build(self, key: tuple, inputs: list[torch.Tensor]) -> _Loaded:
-        layout, one_row, positions = key
-        digest = hashlib.sha256(json.dumps([self.model_key, repr(layout), one_row, positions, _machine_key()])
-                                .encode()).hexdigest()[:32]
-        path = os.path.join(self.directory, f"decode-{digest}.pt2")
-        loaded = _load(path, digest)
-        if loaded is not None:
-            return loaded
-        if not self.background:
-            _note(f"compiling the decode step once (about a minute for a small model); it is kept in {path}")
-        self._export_and_compile(key, inputs, path, digest)
-        loaded = _load(path, digest)
-        if loaded is None:
-            raise LmzooError(f"{path}: the compiled step just written cannot be loaded")
-        return loaded
+    def _failed(self, e: BaseException) -> None:
+        first = (str(e).strip().splitlines() or [""])[0]
+        self.failed = f"{type(e).__name__}: {first[:200]}"
+        _note(f"the decode step could not be compiled ({self.failed}); decoding without it")
 
-    def _export_and_compile(self, key, inputs, path: str, digest: str) -> None:
+    def _export(self, key, inputs, digest: str):
         layout, _, positions = key
         graph = _Graph(self.weightless, self.names, layout, positions)
         # every size of the cache and the batch may vary, but not a size of 1 (a batch of one, say): torch
@@ -184,13 +201,42 @@ class CompiledDecodeStep:
         with torch.no_grad():
             exported = torch.export.export(graph, (self.weights, inputs[0], inputs[1:]), dynamic_shapes=dynamic)
         sizes = _input_sizes(exported, len(self.weights))
-        settings = {"aot_inductor.metadata": {"lmzoo_key": digest, "lmzoo_sizes": json.dumps(sizes)}}
-        if self.background:
-            settings["compile_threads"] = 1  # leave the other cores to the eager decoding meanwhile
-        os.makedirs(self.directory, exist_ok=True)
-        with atomic_file(path) as tmp:
-            torch._inductor.aoti_compile_and_package(exported, package_path=tmp + ".pt2", inductor_configs=settings)
-            os.replace(tmp + ".pt2", tmp)
+        return exported, {"aot_inductor.metadata": {"lmzoo_key": digest, "lmzoo_sizes": json.dumps(sizes)}}
+
+    def _compile_in_a_child(self, key, exported, settings: dict, path: str, digest: str) -> None:
+        """The traced step, saved (torch.export's own format: no code), compiled by a child process."""
+        import subprocess
+        import tempfile
+
+        try:
+            with tempfile.TemporaryDirectory(dir=self.directory) as tmp:
+                traced = os.path.join(tmp, "step.pt2")
+                torch.export.save(exported, traced)
+                run = subprocess.run([sys.executable, "-m", "lmzoo.infer.compiled", traced, path,
+                                      json.dumps(settings)], capture_output=True, text=True)
+            if run.returncode != 0:
+                lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+                raise LmzooError(lines[-1] if lines else f"the compiling process exited with {run.returncode}")
+            loaded = _loaded_or_error(path, digest)
+        except Exception as e:  # noqa: BLE001 - as in _build
+            self._failed(e)
+            return
+        with self.lock:
+            self.steps[key] = loaded
+
+
+def _compile(exported, settings: dict, path: str) -> None:
+    """AOTInductor: the traced step -> a .pt2 package at path, written atomically."""
+    with atomic_file(path) as tmp:
+        torch._inductor.aoti_compile_and_package(exported, package_path=tmp + ".pt2", inductor_configs=settings)
+        os.replace(tmp + ".pt2", tmp)
+
+
+def _loaded_or_error(path: str, digest: str) -> _Loaded:
+    loaded = _load(path, digest)
+    if loaded is None:
+        raise LmzooError(f"{path}: the compiled step just written cannot be loaded")
+    return loaded
 
 
 # ---------------------------------------------------------------------- the default for plain models
@@ -282,3 +328,8 @@ def _machine_key() -> str:
             h.update(platform.processor().encode())
         _MACHINE.append(h.hexdigest())
     return _MACHINE[0]
+
+
+if __name__ == "__main__":  # the child process of CompiledDecodeStep._compile_in_a_child: TRACED OUT SETTINGS
+    os.nice(10)  # the parent's eager decoding comes first
+    _compile(torch.export.load(sys.argv[1]), json.loads(sys.argv[3]), sys.argv[2])
