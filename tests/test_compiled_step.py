@@ -257,11 +257,18 @@ def test_a_plain_model_generates_compiled_by_default_and_stays_trainable(monkeyp
     assert model.generate(prompt, 8) == with_adapter and adapted.compiled_calls > 0, adapted.failed
 
 
-def test_the_default_step_is_off_in_training_mode_and_with_lmzoo_compile_0(monkeypatch):
+def test_the_default_step_is_off_with_active_dropout_and_with_lmzoo_compile_0(monkeypatch):
+    """lmzoo.load() returns a model in training mode, as torch does; the decoder has no dropout, so it
+    decodes the same either way and gets the default step. An adapter's dropout in training mode does not."""
+    from lmzoo.peft import LoraConfig, add_lora
+
     model = tiny("classic")
     monkeypatch.setenv("LMZOO_COMPILE", "0")
     assert compiled_module.default_step(model) is None
     monkeypatch.setenv("LMZOO_COMPILE", "1")
+    assert lmzoo.load("classic")[0].training  # what a user starts from
+    assert compiled_module.default_step(model.train()) is not None
+    add_lora(model, LoraConfig(r=2, dropout=0.1))
     assert compiled_module.default_step(model.train()) is None
     assert compiled_module.default_step(model.eval()) is not None
     assert prepare_for_inference(model).decode_step is False  # prepared: eager unless compile=True

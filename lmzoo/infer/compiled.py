@@ -115,7 +115,7 @@ class CompiledDecodeStep:
         # and a thread tracing it never touches the model that decodes meanwhile
         memo = {id(t): nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
                 if isinstance(t, nn.Parameter) else torch.empty_like(t, device="meta") for t in self.weights}
-        self.weightless = copy.deepcopy(model, memo)
+        self.weightless = copy.deepcopy(model, memo).eval()  # decoding: no MoE balancing loss, no dropout
         self.model_key = _model_key(model, named)
         self.steps: dict[tuple, _Loaded | None] = {}  # by layout; None: not available (building, or failed)
         self.lock = threading.Lock()
@@ -251,9 +251,11 @@ def default_step(model: nn.Module) -> CompiledDecodeStep | None:
     This is how the plain Python API gets the compiled speed without an extra call while the model
     stays trainable: the weights are the graph's inputs, so the step reads them as they are now (a
     fine-tuning step changes them in place), and a model whose tensors changed (an adapter added,
-    say) gets a step of its own. A model in training mode (dropout), off the CPU, or with
-    LMZOO_COMPILE=0 in the environment decodes eagerly."""
-    if os.environ.get("LMZOO_COMPILE", "1") == "0" or model.training:
+    say) gets a step of its own. A model with dropout in training mode (an adapter's), off the CPU,
+    or with LMZOO_COMPILE=0 in the environment decodes eagerly. (The decoder itself has no dropout:
+    lmzoo.load() gives a model in training mode, as torch does, that decodes the same in either.)"""
+    if os.environ.get("LMZOO_COMPILE", "1") == "0" or any(
+            isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in model.modules()):
         return None
     tensors = [*model.parameters(), *model.buffers()]
     if not tensors or any(t.device.type != "cpu" or type(t) not in (torch.Tensor, nn.Parameter) for t in tensors):
