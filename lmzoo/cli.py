@@ -32,7 +32,7 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode with a compiled step, about 2x faster tokens on CPU: built once per model "
                         "layout (about a minute for the embedded model; chat decodes eagerly meanwhile), "
-                        "kept in ~/.cache/lmzoo/compiled (LMZOO_CACHE_DIR) and loaded in ~2 s by later runs; "
+                        "kept in ~/.cache/lmzoo/compiled (LMZOO_CACHE_DIR) and loaded in milliseconds by later runs; "
                         "needs a C++ compiler")
 
 

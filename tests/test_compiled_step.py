@@ -105,7 +105,8 @@ def test_compiled_step_with_virtual_tokens_and_moe_routing():
 
 
 def _generate_in_a_new_process(cache_dir):
-    """`lmzoo generate --compile` on a tiny model dir, in a fresh process: (tokens printed, stderr)."""
+    """A tiny model's generate with a compiled step, in a fresh process that also checks its tokens
+    against eager: (tokens printed, stderr)."""
     script = ("import sys, torch, lmzoo\n"
               "from lmzoo.infer.prepare import prepare_for_inference\n"
               "torch.manual_seed(0)\n"

@@ -13,8 +13,8 @@ become a few fused C++ loops, and the Python is gone: the embedded model decodes
 
 How it is built, and why so:
 - torch.export traces one decode step; AOTInductor compiles it to a shared library, packaged as
-  a .pt2 file. A later process loads that file in about two seconds, where torch.compile would
-  trace and compile again (1-3 minutes here, even with a warm cache).
+  a .pt2 file. A later process loads that file in milliseconds, where torch.compile would trace
+  and compile again (1-3 minutes here, even with a warm cache).
 - The weights are inputs of the graph, not constants. The artifact holds only kernels (a few
   MB); at each call the model's own tensors are passed in, so there is no second copy of the
   weights, and one artifact serves every model of the same layout (a fine-tuned copy, say).
@@ -33,9 +33,9 @@ How it is built, and why so:
   is ready.
 
 It computes what the eager step computes: the tests check the logits (fp32 to 1e-4; bf16 kernels
-of int4/int8 to two bf16 steps) and greedy tokens, in tests/test_fast_paths.py. Where it cannot be
-built (no C++ compiler, or a model whose step export cannot trace, such as MoE routing), it says
-so in one line and the step decodes eagerly.
+of int4/int8 to two bf16 steps) and greedy tokens, in tests/test_compiled_step.py. Where it cannot
+be built (no C++ compiler, or a model whose step export cannot trace), it says so in one line and
+the step decodes eagerly.
 """
 
 from __future__ import annotations

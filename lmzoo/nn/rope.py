@@ -14,10 +14,12 @@ import torch
 from ..config import Config
 
 
-def ntk_alpha(seq_len: int, max_seq_len: int) -> int:
+def ntk_alpha(seq_len: int | torch.Tensor, max_seq_len: int) -> torch.Tensor:
     """Qwen1's dynamic NTK step: alpha = 2^ceil(log2(seq_len/max_seq_len) + 1) - 1, at least 1,
-    so 1 within max_seq_len, then 3 up to twice it, 7 up to four times, ..."""
-    return max(2 ** math.ceil(math.log2(seq_len / max_seq_len) + 1) - 1, 1)
+    so 1 within max_seq_len, then 3 up to twice it, 7 up to four times, ... One per row for a
+    LongTensor of lengths; tensor ops throughout, which a compiled decode step traces."""
+    n = torch.as_tensor(seq_len, dtype=torch.float64)
+    return (2 ** torch.ceil(torch.log2(n / max_seq_len) + 1) - 1).clamp(min=1)
 
 
 def inverse_frequencies(c: Config, seq_len: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -26,18 +28,14 @@ def inverse_frequencies(c: Config, seq_len: int | torch.Tensor | None = None) ->
     For 'ntk_alpha' seq_len may be a LongTensor [B] (each row's own length): then [B, d/2]."""
     d, base = c.rope_dims, c.rope_base
     exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
-    if c.rope_scaling == "ntk_alpha" and torch.is_tensor(seq_len):
-        # each row's own alpha, as ntk_alpha computes it, in tensor ops: a compiled step traces them
-        alpha = (2 ** torch.ceil(torch.log2(seq_len.double() / c.max_seq_len) + 1) - 1).clamp(min=1)
-        inv = 1.0 / ((base * alpha ** (d / (d - 2))).float()[:, None] ** exponents)
+    if c.rope_scaling == "ntk_alpha" and seq_len is not None:
+        # Qwen1's variant: the base grows by a power-of-two step of the length (see ntk_alpha)
+        bases = (base * ntk_alpha(seq_len, c.max_seq_len) ** (d / (d - 2))).float()
+        inv = 1.0 / (bases[..., None] ** exponents)
     else:
-        beyond = seq_len is not None and seq_len > c.max_seq_len
-        if c.rope_scaling == "dynamic" and beyond:
+        if c.rope_scaling == "dynamic" and seq_len is not None and seq_len > c.max_seq_len:
             # Dynamic NTK: grow the base with the sequence so the lowest frequency still fits.
             base = base * ((c.rope_factor * seq_len / c.max_seq_len) - (c.rope_factor - 1)) ** (d / (d - 2))
-        elif c.rope_scaling == "ntk_alpha" and beyond:
-            # Qwen1's variant: a power-of-two step of the length (see ntk_alpha).
-            base = base * ntk_alpha(seq_len, c.max_seq_len) ** (d / (d - 2))
         inv = 1.0 / (base ** exponents)
     if c.rope_fp16_frequencies:
         inv = inv.half().float()
