@@ -100,6 +100,29 @@ def test_gradients_equal_the_masked_path(pattern, case):
         torch.testing.assert_close(fast[name], masked[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("pattern", ["window", "banded", "strided", "fixed", "fixed-within-window"])
+@pytest.mark.parametrize("case", ["left-padded", "prefix-lm", "p-tuning-v2"])
+def test_groups_of_one_chunk_equal_the_masked_path_gradients_too(pattern, case, monkeypatch):
+    """The middle runs (and backward recomputes) a group of chunks at a time: with one chunk per
+    group, every group boundary's keys, far columns and virtual keys still add up exactly."""
+    monkeypatch.setattr(local, "GROUP_QUERIES", 1)
+    m = tiny(pattern, case).train()
+    ids, kwargs = batch(case, T=70)
+
+    def run():
+        m.zero_grad()
+        logits = m(ids, **kwargs)
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    (fast, fast_grads), (masked, masked_grads), calls = both_paths(m, run)
+    assert calls == local_layers(m) > 0
+    torch.testing.assert_close(fast, masked, atol=1e-5, rtol=0)
+    assert fast_grads.keys() == masked_grads.keys() and fast_grads
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], masked_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("defect", ["reach", "tile"])
 def test_a_tile_one_key_off_fails_by_a_wide_margin(defect, monkeypatch):
     """The equality above is sharp: tiles one key too short (the band's oldest key missing), or

@@ -3,10 +3,17 @@
 A sliding window (Mistral) or a Sparse Transformer band (GPT-3) lets query i see only the keys
 i-w+1..i. The masked path (lmzoo.nn.masks.build_mask, then SDPA) still scores all n×n pairs and
 hides most of them. Here the queries go in chunks of C, and each chunk is scored only against
-the C+w keys that end with it, in one batched SDPA call over all chunks:
+the C+w-1 keys that end with it, in one batched SDPA call over many chunks:
 
     keys   ....[ chunk c-1 ][ chunk c ]....
-    chunk c's queries see keys (c·C - w + 1) .. (c·C + C - 1), under the exact mask of that tile.
+    chunk c's queries see keys (c·C - w + 1) .. (c·C + C - 1), under one mask shared by every tile.
+
+The tiles are views of the keys (overlapping windows, no copy), and one [C, C+w-1] mask serves
+every chunk: within a row's real tokens the rule depends only on positions relative to the chunk.
+The rows around that middle are attended densely, under the full rule:
+- the head: the first w-1 or so queries (whose band would reach before the first key), a
+  prefix LM's prefix (read both ways, all of it: dense anyway), and a row's left padding;
+- the tail: the last queries that do not fill a chunk.
 
 The strided and fixed patterns also keep columns further back, which are no band:
 - strided: every key a multiple of `block` back. A query's residue mod block picks them, so
@@ -16,22 +23,28 @@ Those far scores join the band's in one softmax (each key counted once: the far 
 only keys before the band's tile). So the total is O(n·(w + n/block)) for strided and
 O(n·(w + n·summary/block)) for fixed.
 
-Every tile mask comes from the same Visibility rule as the masked path, read at the tile's own
-slots, so both paths compute the same function: that is tested to 1e-5, gradients too. A tile
-has to contain every key its rule lets a query see; the reach (w) and the far columns are chosen
-so that it does (see plan_for).
+Memory: the middle runs a group of chunks at a time, and backward recomputes one group's scores
+at a time (InGroups), so what it holds beyond the inputs and their gradients is one group's
+tiles, not n·(C+w) gradients of overlapping tiles.
+
+Every mask comes from the same Visibility rule as the masked path, so both paths compute the
+same function: that is tested to 1e-5, gradients too. A tile has to contain every key its rule
+lets a query see; the reach (w) and the far columns are chosen so that it does (see plan_for).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config
 from .attention import sdpa
 from .masks import Visibility, reach_of, with_virtual
+
+# Queries per group of chunks: a group's tiles, their gradients and the strided pattern's scores
+# stay a few tens of MB at 12 heads (and the SDPA calls stay long enough to keep both cores busy).
+GROUP_QUERIES = 1024
 
 
 @dataclass
@@ -43,8 +56,7 @@ class LocalPlan:
     chunk: int  # queries per chunk
     far: str | None  # None, or 'strided' / 'fixed': the pattern's columns beyond the reach
     n_virtual: int = 0  # P-tuning v2's virtual keys in front of the text keys
-    dense_rows: int = 0  # queries before this slot (a prefix LM's prefix) take the masked path
-    left_pad: torch.Tensor | None = None  # [B] padding slots in front of each row (fixed)
+    left_pad: torch.Tensor | None = None  # [B] padding slots in front of each row
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return local_attention(q, k, v, self)
@@ -61,130 +73,174 @@ def plan_for(c: Config, sparse: bool, windowed: bool, T: int, visible: Visibilit
     if key_valid is not None and not bool((key_valid[:, 1:] >= key_valid[:, :-1]).all()):
         return None
     # Strided and fixed chunks are whole blocks, so a residue is the same slot within each. A band's
-    # chunk of w/2 queries scores 1.5·w keys each. At 16k tokens, 12 heads, w = 256: w/4 ran the
-    # forward 7% faster but forward + backward 33% slower, with 747 MB at its peak, against 560 MB
-    # (backward holds the gradient of every overlapping tile); w took 476 MB, and 14% longer forward.
-    chunk = reach if far else max(16, reach // 2)
-    dense_rows = 0
-    if prefix_end is not None:  # a prefix is read both ways, all of it: that part is dense anyway
-        dense_rows = min(T, -(-int(prefix_end.max()) // chunk) * chunk)
+    # chunk is small: its tile of C + w - 1 keys wastes C - 1 of them per query. At 16k tokens, 12 heads,
+    # w = 256, SDPA over the tiles alone took 109-115 ms for C = 16..64 and 130 for 128 (smaller chunks:
+    # less waste, but SDPA's CPU kernel is slower per score on short query blocks); forward + backward
+    # took 757 ms at C = 64, 813 at 32 (backward writes a gradient for every overlapping tile).
+    chunk = reach if far else max(16, reach // 4)
+    if visible.pattern == "fixed":  # its blocks count from position 0: a chunk is whole blocks, so every tile is alike
+        chunk = -(-chunk // visible.block) * visible.block
     left_pad = None if key_valid is None else (~key_valid).sum(-1)
-    return LocalPlan(visible, reach, chunk, far, n_virtual, dense_rows, left_pad)
-
-
-def _tile_masks(plan: LocalPlan, q_slots, k_slots, n: int) -> torch.Tensor:
-    """visible(query, key) over every tile, [B|1, n_chunks, C, C + R - 1].
-
-    Tile slots before 0 or from n on are zeros, not keys (a padding query row past n keeps itself).
-    Where the rule depends only on q - k (no padding, no prefix, no fixed blocks), the tiles after
-    the first few are all alike: one is computed and copied. (Past n, causality already hides the
-    zeros from every real query.) At 16k tokens that made the band 1.2x faster: building
-    n·(C+R) masks took a third of its time."""
-    def exact(q, k):
-        return plan.visible(q, k) & (k >= 0) & ((k < n) | (k == q))
-
-    vis = plan.visible
-    first, n_chunks = -(-(plan.reach - 1) // plan.chunk), q_slots.shape[1]  # tiles that start before slot 0
-    if vis.key_valid is not None or vis.prefix_end is not None or vis.pattern == "fixed" or n_chunks - first < 2:
-        return exact(q_slots, k_slots)
-    one = exact(q_slots[:, first:first + 1], k_slots[:, first:first + 1])
-    masks = one.expand(1, n_chunks, *one.shape[2:]).clone()
-    masks[:, :first] = exact(q_slots[:, :first], k_slots[:, :first])
-    return masks
-
-
-def _tiles(x: torch.Tensor, before: int, chunk: int, n_chunks: int) -> torch.Tensor:
-    """x [B, H, n, D] as overlapping tiles [B, H, n_chunks, before + chunk, D]: tile c holds slots
-    c·chunk - before .. c·chunk + chunk - 1, zeros outside 0..n-1."""
-    padded = F.pad(x, (0, 0, before, n_chunks * chunk - x.shape[2]))
-    return padded.unfold(2, before + chunk, chunk).transpose(-1, -2)
+    return LocalPlan(visible, reach, chunk, far, n_virtual, left_pad)
 
 
 def local_attention(q, k, v, plan: LocalPlan) -> torch.Tensor:
-    """q [B, H, n, D]; k, v [B, Hkv, P + n, D] (P virtual keys first) -> [B, H, n, D]."""
-    B, H, n, D = q.shape
-    P, R, C = plan.n_virtual, plan.reach, plan.chunk
-    virtual = (k[:, :, :P], v[:, :, :P])
-    k, v = k[:, :, P:], v[:, :, P:]
-    n_chunks = -(-n // C)
-    dev = q.device
-    q_slots = torch.arange(n_chunks * C, device=dev).view(1, n_chunks, C, 1)
-    # A tile ends with its chunk and starts R - 1 slots before it: just what the chunk's first query can see.
-    tile_start = torch.arange(n_chunks, device=dev).view(1, n_chunks, 1, 1) * C - (R - 1)
+    """q [B, H, n, D]; k, v [B, Hkv, P + n, D] (P virtual keys first) -> [B, H, n, D].
+
+    Row by row: a row's padding and prefix set where its middle starts."""
+    B = q.shape[0]
+    pad = [0] * B if plan.left_pad is None else plan.left_pad.tolist()
+    prefix = [0] * B if plan.visible.prefix_end is None else plan.visible.prefix_end.tolist()
+    if B == 1:  # (no slices: each would cost a full-size gradient of its own)
+        return _row(q, k, v, plan, 0, pad[0], prefix[0])
+    return torch.cat([_row(q[b:b + 1], k[b:b + 1], v[b:b + 1], plan, b, pad[b], prefix[b]) for b in range(B)])
+
+
+def _row(q, k, v, plan: LocalPlan, b: int, pad: int, prefix_end: int):
+    """One row as spans of queries, in order: the dense head, groups of whole chunks, the dense tail.
+    A span is (q_lo, q_hi, k_lo, k_hi, first chunk or None for dense), in q's and k's own slots."""
+    n, C, R, P = q.shape[2], plan.chunk, plan.reach, plan.n_virtual
+    # The middle starts on a whole chunk of positions past the padding, where every tile's keys are
+    # real tokens and every query is past the prefix.
+    start = min(n, pad + -(-max(R - 1, prefix_end - pad) // C) * C)
+    end = start + (n - start) // C * C
+    spans = [(0, start, P, P + start, None)] if start else []
+    group = max(1, GROUP_QUERIES // C)
+    for c0 in range((start - pad) // C, (end - pad) // C, group):  # chunks, counted in positions
+        c1 = min(c0 + group, (end - pad) // C)
+        spans.append((pad + c0 * C, pad + c1 * C, P + pad + c0 * C - (R - 1), P + pad + c1 * C, c0))
+    if end < n:
+        spans.append((end, n, P, P + n, None))
+    rule = replace(plan.visible, prefix_end=None, key_valid=None)  # past the padding and the prefix
+
+    def run(span, q_g, k_g, v_g, virtual_k, virtual_v, *far):
+        q_lo, q_hi, k_lo, k_hi, c0 = span
+        if c0 is None:  # under the full rule: padding, prefix and all
+            q_slots = torch.arange(q_lo, q_hi, device=q.device).view(1, -1, 1)
+            allowed = plan.visible(q_slots, torch.arange(k_hi - k_lo, device=q.device).view(1, 1, -1))
+            allowed = with_virtual(allowed[b:b + 1, None] if allowed.shape[0] > 1 else allowed[:, None], P)
+            return sdpa(q_g, torch.cat([virtual_k, k_g], 2), torch.cat([virtual_v, v_g], 2), allowed, False)
+        return _chunks(q_g, k_g, v_g, (virtual_k, virtual_v), far, rule, plan, c0)
+
+    # Read by every group: the virtual keys, and the far columns (every key of the row for strided,
+    # the summary keys for fixed), so that each group's gradient of them adds into one tensor.
+    shared = [k[:, :, :P], v[:, :, :P]]
+    if plan.far:
+        text = [x[:, :, P + pad:] for x in (k, v)]
+        shared += text if plan.far == "strided" else [_summaries(x, C, plan.visible.summary) for x in text]
+    return InGroups.apply(run, spans, q, k, v, *shared)
+
+
+class InGroups(torch.autograd.Function):
+    """out = run(span, q[q_lo:q_hi], k[k_lo:k_hi], v[k_lo:k_hi], *shared) for each span, joined
+    along the queries; backward recomputes one span at a time, so only one span's intermediate
+    tensors (tiles, scores, their gradients) live at once. The spans' queries do not overlap;
+    their keys may, and their gradients add up. `shared` tensors are read whole by every span."""
+
+    @staticmethod
+    def forward(ctx, run, spans, q, k, v, *shared):
+        ctx.run, ctx.spans = run, spans
+        ctx.save_for_backward(q, k, v, *shared)
+        # Laid out [B, n, H, D], as SDPA's own output, so the caller's transpose back is a view
+        out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+        for s in spans:
+            out[:, :, s[0]:s[1]] = run(s, q[:, :, s[0]:s[1]], k[:, :, s[2]:s[3]], v[:, :, s[2]:s[3]], *shared)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, *shared = ctx.saved_tensors
+        # (an empty tensor gets None: a gradient for it would cost its base a full-size zero tensor)
+        grads = [torch.zeros_like(x) if need and x.numel() else None
+                 for x, need in zip([q, k, v, *shared], ctx.needs_input_grad[2:], strict=True)]
+        for s in ctx.spans:
+            parts = [q[:, :, s[0]:s[1]], k[:, :, s[2]:s[3]], v[:, :, s[2]:s[3]], *shared]
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_(g is not None) for x, g in zip(parts, grads, strict=True)]
+                out = ctx.run(s, *leaves)
+                wanted = [x for x in leaves if x.requires_grad]
+                # allow_unused: a span may not read every shared tensor (no virtual keys, say)
+                got = iter(torch.autograd.grad(out, wanted, grad[:, :, s[0]:s[1]], allow_unused=True) if wanted else ())
+            for i, total in enumerate(grads):
+                part = next(got) if total is not None else None
+                if part is not None:
+                    where = (slice(s[0], s[1]) if i == 0 else slice(s[2], s[3])) if i < 3 else slice(None)
+                    total[:, :, where] += part
+        return None, None, *grads
+
+
+def _tiles(x: torch.Tensor, length: int, step: int) -> torch.Tensor:
+    """x [B, H, m, D] as overlapping windows [B, H, (m - length) // step + 1, length, D], a view."""
+    return x.unfold(2, length, step).transpose(-1, -2)
+
+
+def _chunks(q, k, v, virtual, far, rule: Visibility, plan: LocalPlan, c0: int):
+    """Chunks c0.. (counted in positions) of one row: q [1, H, n_chunks·C, D]; k, v the row's keys at
+    positions c0·C - (R - 1) .. (c0 + n_chunks)·C - 1; far: () or the far columns' keys and values
+    -> [1, H, n_chunks·C, D]."""
+    _, H, n_q, D = q.shape
+    C, R = plan.chunk, plan.reach
+    n_chunks, dev = n_q // C, q.device
+    tile_k, tile_v = (_tiles(x, C + R - 1, C) for x in (k, v))
+    chunk_start = (c0 + torch.arange(n_chunks, device=dev)).view(1, n_chunks, 1, 1) * C
+    q_slots = chunk_start + torch.arange(C, device=dev)[:, None]  # [1, n_chunks, C, 1]
+    tile_start = q_slots[:, :, :1] - (R - 1)  # [1, n_chunks, 1, 1]
     k_slots = tile_start + torch.arange(C + R - 1, device=dev)  # [1, n_chunks, 1, C + R - 1]
-    near = (_tile_masks(plan, q_slots, k_slots, n), _tiles(k, R - 1, C, n_chunks), _tiles(v, R - 1, C, n_chunks))
-    q_chunks = (q if n_chunks * C == n else F.pad(q, (0, 0, 0, n_chunks * C - n))).view(B, H, n_chunks, C, D)
+    # Every chunk's tile holds the same positions relative to it (chunks start on whole blocks), so
+    # one chunk's mask serves all.
+    near = (rule(q_slots[:, :1], k_slots[:, :1]), tile_k, tile_v)
+    q_chunks = q.view(1, H, n_chunks, C, D)
+    n_blocks = c0 + n_chunks - 1  # the far columns end before the last chunk's tile starts
     if plan.far == "strided":
-        out = _with_strided_columns(q_chunks, near, _strided_columns(k, v, q_slots, tile_start, plan), virtual)
+        blocks = [x[:, :, :n_blocks * C].unflatten(2, (n_blocks, C)) for x in far]
+        j = torch.arange(n_blocks, device=dev).view(1, 1, 1, n_blocks)
+        far_slots = j * C + q_slots % C  # [1, n_chunks(c), C(r), n_blocks(j)]: key (j, r) for query r
+        out = _with_strided_columns(q_chunks, near, (rule(q_slots, far_slots) & (far_slots < tile_start), *blocks),
+                                    virtual)
     else:
         shared = [(None, *virtual)]  # keys every chunk reads: the virtual ones, the fixed pattern's summaries
         if plan.far == "fixed":
-            shared.append(_summary_columns(k, v, q_slots, tile_start, plan))
+            S = rule.summary
+            far_slots = (torch.arange(n_blocks, device=dev)[:, None] * C + C - S + torch.arange(S, device=dev))
+            far_slots = far_slots.view(1, 1, 1, n_blocks * S)
+            allowed = rule(q_slots, far_slots) & (far_slots < tile_start)  # [1, n_chunks, C, n_blocks·S]
+            shared.append((allowed, *(x[:, :, :n_blocks * S] for x in far)))
         out = _chunked_sdpa(q_chunks, near, shared)
-    out = out.reshape(B, H, n_chunks * C, D)[:, :, :n]
-    if plan.dense_rows:  # a prefix LM's prefix: those rows see the whole prefix, so take them densely
-        end = plan.dense_rows
-        slots = torch.arange(end, device=dev)
-        allowed = with_virtual(plan.visible(slots.view(1, end, 1), slots.view(1, 1, end))[:, None], P)
-        head = sdpa(q[:, :, :end], torch.cat([virtual[0], k[:, :, :end]], 2),
-                    torch.cat([virtual[1], v[:, :, :end]], 2), allowed, False)
-        out = torch.cat([head, out[:, :, end:]], dim=2)
-    return out
+    return out.reshape(1, H, n_q, D)
+
+
+def _summaries(x: torch.Tensor, C: int, S: int) -> torch.Tensor:
+    """The fixed pattern's summary keys: the last S positions of every whole block, [1, Hkv, n_blocks·S, D]."""
+    n_blocks = x.shape[2] // C
+    return x[:, :, :n_blocks * C].unflatten(2, (n_blocks, C))[:, :, :, C - S:].flatten(2, 3)
 
 
 def _chunked_sdpa(q_chunks, near, shared):
     """Each chunk's tile plus the shared columns, in one SDPA call: the chunks folded into the batch.
-    shared: [(allowed [B|1, n_chunks, C, K] or None for always visible, keys, values [B, Hkv, K, D])]."""
+    near: (allowed [1, 1|n_chunks, C, L], key and value tiles [1, Hkv, n_chunks, L, D]);
+    shared: [(allowed [1, n_chunks, C, K] or None for always visible, keys, values [1, Hkv, K, D])]."""
     allowed, k_tiles, v_tiles = near
-    B, H, n_chunks, C, D = q_chunks.shape
+    _, H, n_chunks, C, D = q_chunks.shape
     Hkv = k_tiles.shape[1]
 
-    def fold(x):  # [B, heads, n_chunks, length, D] -> [B·n_chunks, heads, length, D]
-        return x.transpose(1, 2).reshape(B * n_chunks, x.shape[1], x.shape[3], D)
+    def fold(x):  # [1, heads, n_chunks, length, D] -> [n_chunks, heads, length, D]: a view
+        return x.squeeze(0).transpose(0, 1)  # (squeeze, not [0]: its gradient is a view too, not a copy)
 
     masks, keys, values = [allowed], [fold(k_tiles)], [fold(v_tiles)]
     for columns, k, v in shared:
         K = k.shape[2]
         if K:
-            masks.insert(0, torch.ones(1, n_chunks, C, K, dtype=torch.bool, device=k.device)
-                         if columns is None else columns)
-            keys.insert(0, fold(k[:, :, None].expand(B, Hkv, n_chunks, K, D)))
-            values.insert(0, fold(v[:, :, None].expand(B, Hkv, n_chunks, K, D)))
+            masks.insert(0, torch.ones(1, 1, C, K, dtype=torch.bool, device=k.device) if columns is None else columns)
+            keys.insert(0, fold(k[:, :, None].expand(1, Hkv, n_chunks, K, D)))
+            values.insert(0, fold(v[:, :, None].expand(1, Hkv, n_chunks, K, D)))
+
     def joined(parts, dim=-2):  # a lone tile stays a view of k or v: no copy of the keys
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
-    mask = joined([m.expand(B, n_chunks, C, m.shape[-1]) for m in masks], -1)
-    mask = mask.reshape(B * n_chunks, 1, C, mask.shape[-1])
-    out = sdpa(fold(q_chunks), joined(keys), joined(values), mask, False)
-    return out.view(B, n_chunks, H, C, D).transpose(1, 2)
-
-
-def _strided_columns(k, v, q_slots, tile_start, plan: LocalPlan):
-    """(allowed, keys, values) of the strided columns before each chunk's tile: keys and values
-    [B, Hkv, n_chunks(j), C(r), D]; query r of chunk c reads key (j, r) for j < c - 1."""
-    C, n_chunks = plan.chunk, q_slots.shape[1]
-    B, Hkv, n, D = k.shape
-    blocks = [F.pad(x, (0, 0, 0, n_chunks * C - n)).view(B, Hkv, n_chunks, C, D) for x in (k, v)]
-    j = torch.arange(n_chunks, device=k.device).view(1, 1, 1, n_chunks)
-    k_slots = j * C + q_slots % C  # [1, n_chunks(c), C(r), n_chunks(j)]
-    return plan.visible(q_slots, k_slots) & (k_slots < tile_start), blocks[0], blocks[1]
-
-
-def _summary_columns(k, v, q_slots, tile_start, plan: LocalPlan):
-    """(allowed, keys, values) of the fixed pattern's summary columns before each chunk's tile:
-    the last `summary` positions of every block, [B, Hkv, n_chunks·summary, D]. Positions skip
-    padding, so each row's summary columns sit at residues shifted by its left padding."""
-    C, n_chunks, S = plan.chunk, q_slots.shape[1], plan.visible.summary
-    B, Hkv, n, D = k.shape
-    dev = k.device
-    pad = plan.left_pad if plan.left_pad is not None else torch.zeros(1, dtype=torch.long, device=dev)
-    residues = (pad[:, None] + C - S + torch.arange(S, device=dev)) % C  # [B|1, S]
-    index = residues.view(-1, 1, 1, S, 1).expand(B, Hkv, n_chunks, S, D)
-    keys, values = (F.pad(x, (0, 0, 0, n_chunks * C - n)).view(B, Hkv, n_chunks, C, D).gather(3, index)
-                    .reshape(B, Hkv, n_chunks * S, D) for x in (k, v))
-    k_slots = torch.arange(n_chunks, device=dev).view(1, n_chunks, 1) * C + residues[:, None, :]
-    k_slots = k_slots.view(-1, 1, 1, n_chunks * S)
-    return plan.visible(q_slots, k_slots) & (k_slots < tile_start), keys, values
+    if len(masks) > 1:
+        masks = [m.expand(1, n_chunks, C, m.shape[-1]) for m in masks]
+    mask = joined(masks, -1).squeeze(0)[:, None]  # [1|n_chunks, 1, C, L]
+    return sdpa(fold(q_chunks), joined(keys), joined(values), mask, False).transpose(0, 1).unsqueeze(0)
 
 
 def _with_strided_columns(q_chunks, near, far, virtual):
