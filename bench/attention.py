@@ -4,10 +4,14 @@
 
 1. One attention layer, 12 heads of 64, w = 256 (band, window, stride and block), n = 1024..16384:
    dense (SDPA's causal kernel), banded, strided, fixed, and masked-banded (the dense-mask path
-   the banded one replaced), through `lmzoo attention-cost`'s own measure(). Prints the table,
+   the banded one replaced), through `lmzoo attention-cost`'s own run(). Prints the table,
    the fitted exponents, and the ratios at the longest length: dense / banded time, banded /
    dense peak memory, and masked-banded / banded.
-2. Generation: a tiny Mistral-style model (window 512, 4 layers) generates 8192 tokens; the KV
+2. Where the targets' limits lie: SDPA's CPU kernel's time per score on blocks of C queries by C
+   keys (the shape a band's chunks give it) against its causal kernel over the whole sequence,
+   and the memory every implementation holds in forward + backward (the output and the three
+   input gradients) against the dense layer's peak.
+3. Generation: a tiny Mistral-style model (window 512, 4 layers) generates 8192 tokens; the KV
    cache's bytes, per kind of layer, at 1k, 4k and 8k tokens, with the rolling cache and without.
 """
 
@@ -50,6 +54,33 @@ def layer_costs(lengths, repeats):
     return result, ratios
 
 
+def kernel_rates(n, heads=12, head_size=64, blocks=(64, 256, 1024), repeats=3):
+    """ns per score of SDPA's CPU kernel: the dense causal layer over all n queries (n²/2 scores per
+    head), and unmasked blocks of C queries by C keys (n·C per head), the chunks a band is made of."""
+    q, k, v = (torch.randn(1, heads, n, head_size) for _ in range(3))
+
+    def median_seconds(f):
+        f()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rates = {}
+    with torch.no_grad():
+        rates["dense causal"] = median_seconds(lambda: sdpa(q, k, v, is_causal=True)) / (heads * n * n / 2) * 1e9
+        for C in blocks:
+            qb, kb, vb = (x.view(heads, n // C, C, head_size).transpose(0, 1) for x in (q, k, v))
+            rates[f"blocks of {C}"] = median_seconds(lambda: sdpa(qb, kb, vb)) / (heads * n * C) * 1e9  # noqa: B023
+    print("\nSDPA's CPU kernel, ns per score:")
+    for name, ns in rates.items():
+        print(f"{name:>18}: {ns:.2f}")
+    return rates
+
+
 def generation_cache(tokens, window):
     c = lmzoo.preset("mistral-7b").replace(vocab_size=256, n_layers=4, d_model=64, n_heads=4, n_kv_heads=2,
                                            d_ff=128, max_seq_len=tokens + 16, sliding_window=window)
@@ -79,9 +110,17 @@ def main():
     result, ratios = layer_costs(lengths, 1 if args.quick else 3)
     if args.plot:
         save_plot(result, args.plot)
+    n = max(lengths)
+    rates = kernel_rates(n, blocks=(64, 256) if args.quick else (64, 256, 1024))
+    held = 4 * n * 12 * 64 * 4  # bytes: the output and the gradients of q, k and v, fp32
+    dense_peak = next(r["peak_bytes"] for r in result["rows"] if r["pattern"] == "dense" and r["n"] == n)
+    if dense_peak:
+        print(f"output + input gradients: {held / 2**20:.0f} MB, {held / dense_peak:.2f} of the dense layer's peak")
+    ratios["held/dense peak memory"] = held / dense_peak if dense_peak else None
     generation = generation_cache(2048 if args.quick else 8192, 512)
     if args.json:
-        Path(args.json).write_text(json.dumps({"layer": result, "ratios": ratios, "generation": generation}, indent=1))
+        Path(args.json).write_text(json.dumps({"layer": result, "ratios": ratios, "kernel_ns_per_score": rates,
+                                                "generation": generation}, indent=1))
 
 
 if __name__ == "__main__":

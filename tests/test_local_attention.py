@@ -150,6 +150,17 @@ def test_a_pattern_that_covers_the_sequence_takes_the_dense_kernel():
     assert calls == 0
 
 
+@pytest.mark.parametrize("pattern", ["window", "banded", "strided", "fixed", "fixed-within-window"])
+def test_a_sequence_within_the_reach_takes_sdpas_causal_kernel(pattern):
+    """n <= w: the pattern hides nothing causality does not, so no mask is built at all; one token
+    more and the pattern's mask (or tiles) come back."""
+    c = tiny(pattern).config
+    reach = min(r for i in range(c.n_layers) if (r := reach_of(c, c.is_sparse_layer(i), c.is_window_layer(i))[0]))
+    m = tiny(pattern)
+    assert all(how == (None, True) for how in m._masks(0, reach, None, None, "cpu", 1).values())
+    assert any(how != (None, True) for how in m._masks(0, reach + 1, None, None, "cpu", 1).values())
+
+
 # ---------------------------------------------------------------- the rolling cache
 
 def decode_in_steps(m, ids, kwargs, steps):

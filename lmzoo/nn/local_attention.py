@@ -56,7 +56,8 @@ class LocalPlan:
     chunk: int  # queries per chunk
     far: str | None  # None, or 'strided' / 'fixed': the pattern's columns beyond the reach
     n_virtual: int = 0  # P-tuning v2's virtual keys in front of the text keys
-    left_pad: torch.Tensor | None = None  # [B] padding slots in front of each row
+    left_pad: list[int] | None = None  # padding slots in front of each row
+    prefix_end: list[int] | None = None  # each row's prefix ends before this slot (a prefix LM)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return local_attention(q, k, v, self)
@@ -80,8 +81,10 @@ def plan_for(c: Config, sparse: bool, windowed: bool, T: int, visible: Visibilit
     chunk = reach if far else max(16, reach // 4)
     if visible.pattern == "fixed":  # its blocks count from position 0: a chunk is whole blocks, so every tile is alike
         chunk = -(-chunk // visible.block) * visible.block
-    left_pad = None if key_valid is None else (~key_valid).sum(-1)
-    return LocalPlan(visible, reach, chunk, far, n_virtual, left_pad)
+    # As lists, read once here: every layer of this kind splits its rows by them.
+    left_pad = None if key_valid is None else (~key_valid).sum(-1).tolist()
+    return LocalPlan(visible, reach, chunk, far, n_virtual, left_pad,
+                     None if prefix_end is None else prefix_end.tolist())  # [B]: one per row
 
 
 def local_attention(q, k, v, plan: LocalPlan) -> torch.Tensor:
@@ -89,8 +92,8 @@ def local_attention(q, k, v, plan: LocalPlan) -> torch.Tensor:
 
     Row by row: a row's padding and prefix set where its middle starts."""
     B = q.shape[0]
-    pad = [0] * B if plan.left_pad is None else plan.left_pad.tolist()
-    prefix = [0] * B if plan.visible.prefix_end is None else plan.visible.prefix_end.tolist()
+    pad = plan.left_pad or [0] * B
+    prefix = plan.prefix_end or [0] * B
     if B == 1:  # (no slices: each would cost a full-size gradient of its own)
         return _row(q, k, v, plan, 0, pad[0], prefix[0])
     return torch.cat([_row(q[b:b + 1], k[b:b + 1], v[b:b + 1], plan, b, pad[b], prefix[b]) for b in range(B)])

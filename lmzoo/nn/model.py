@@ -20,7 +20,7 @@ from .cache import KVCache
 from .head_loss import ChunkedHeadCrossEntropy
 from .linear import Linear, is_plain_linear
 from .local_attention import plan_for
-from .masks import Visibility, build_mask, prefix_end_slots, with_virtual
+from .masks import Visibility, build_mask, prefix_end_slots, reach_of, with_virtual
 from .mlp import MLP, MoE
 from .recompute import recomputed
 from .rope import rope_tables
@@ -333,8 +333,9 @@ class Decoder(nn.Module):
             if ring_keys is not None:  # a rolling cache: keys in ring order, each read by its slot
                 allowed = Visibility(**rules)(q_slots[None, :, None], ring_keys[None, None, :]) & (ring_keys >= 0)
                 return with_virtual(allowed[:, None], n_virtual), False
-            unmasked = window is None or start + T <= window
-            if pattern == "dense" and key_valid is None and prefix_end is None and unmasked and not n_virtual:
+            reach = reach_of(c, sparse, windowed)[0]
+            causal = reach is None or start + T <= reach  # the window or pattern hides nothing among so few keys
+            if causal and key_valid is None and prefix_end is None and not n_virtual:
                 if start == 0:
                     return None, T > 1
                 if T == 1:

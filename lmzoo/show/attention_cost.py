@@ -9,14 +9,22 @@ pattern, are left out) at each sequence length, through the same code the model 
 - masked-<pattern>: today's reference, a dense n×n mask over SDPA (what the fast path replaced).
 Time is the median of `repeats` runs, forward alone and forward + backward; memory is the peak
 resident memory above what the inputs hold, during forward + backward (Linux: /proc's high-water
-mark, reset before each run). time ∝ n^k is fitted by least squares over the lengths measured.
+mark, reset before each run). Memory is measured in a child process whose allocator returns every
+large block when it is freed (glibc's mmap threshold fixed from its start), so a peak is what the
+run holds at once; in this process, what the timed runs left in the heap moved the band's peak
+between 243 and 344 MB at 16k tokens. (The timed runs keep the default allocator: fixed, it made
+them pay a page fault per large block, the band 11% slower.)
+time ∝ n^k is fitted by least squares over the lengths measured.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -84,8 +92,9 @@ def peak_extra_bytes(fn) -> int | None:
 
 
 def measure(kind: str, n: int, *, heads: int = 12, head_size: int = 64, width: int = 256, summary: int = 8,
-            repeats: int = 3, seed: int = 0) -> dict:
-    """{'pattern', 'n', 'forward_s', 'train_s', 'peak_bytes'} for one kind at one length."""
+            repeats: int = 3, seed: int = 0, memory: bool = True) -> dict:
+    """One kind at one length: {'pattern', 'n', 'forward_s', 'train_s'} with memory=False, else
+    {'pattern', 'n', 'peak_bytes'} (run() measures memory in a child process: see the top)."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, heads, n, head_size, generator=gen) for _ in range(3))
     grad = torch.randn(1, heads, n, head_size, generator=gen)
@@ -108,8 +117,20 @@ def measure(kind: str, n: int, *, heads: int = 12, head_size: int = 64, width: i
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    return {"pattern": kind, "n": n, "forward_s": timed(forward), "train_s": timed(train),
-            "peak_bytes": peak_extra_bytes(train)}
+    if not memory:
+        return {"pattern": kind, "n": n, "forward_s": timed(forward), "train_s": timed(train)}
+    train()  # warm-up, as for the times
+    return {"pattern": kind, "n": n, "peak_bytes": peak_extra_bytes(train)}
+
+
+def _peaks_in_a_child(points, options) -> list:
+    """peak_bytes of each (kind, n), measured by `python -m lmzoo.show.attention_cost` (see the top)."""
+    spec = json.dumps({"points": points, "options": options})
+    r = subprocess.run([sys.executable, "-m", "lmzoo.show.attention_cost", spec], capture_output=True, text=True)
+    if r.returncode:
+        why = (r.stderr.strip().splitlines() or ["no message"])[-1]
+        raise LmzooError(f"attention-cost: the child process that measures memory failed: {why}")
+    return json.loads(r.stdout)
 
 
 def fit_exponent(ns, values) -> float | None:
@@ -130,9 +151,11 @@ def run(kinds, lengths, *, progress=None, **options) -> dict:
     rows = []
     for kind in kinds:
         for n in lengths:
-            rows.append(measure(kind, n, **options))
+            rows.append(measure(kind, n, memory=False, **options))
             if progress:
                 progress(rows[-1])
+    for row, peak in zip(rows, _peaks_in_a_child([(r["pattern"], r["n"]) for r in rows], options), strict=True):
+        row["peak_bytes"] = peak
     exponents = {}
     for kind in kinds:
         mine = [r for r in rows if r["pattern"] == kind]
@@ -189,3 +212,12 @@ def save_plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # the child of _peaks_in_a_child: memory, with the allocator fixed first
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: blocks >= 128 KiB mapped alone
+    except (OSError, AttributeError):
+        pass
+    spec = json.loads(sys.argv[1])
+    print(json.dumps([measure(kind, n, **spec["options"])["peak_bytes"] for kind, n in spec["points"]]))
