@@ -100,27 +100,41 @@ def local_attention(q, k, v, plan: LocalPlan) -> torch.Tensor:
 
 
 def _row(q, k, v, plan: LocalPlan, b: int, pad: int, prefix_end: int):
-    """One row as spans of queries, in order: the dense head, groups of whole chunks, the dense tail.
-    A span is (q_lo, q_hi, k_lo, k_hi, first chunk or None for dense), in q's and k's own slots."""
+    """One row as spans of queries, in order: its padding, the dense head, groups of whole chunks,
+    the dense tail. A span is (q_lo, q_hi, k_lo, k_hi, first chunk, or None for dense, or
+    "padding"), in q's and k's own slots."""
     n, C, R, P = q.shape[2], plan.chunk, plan.reach, plan.n_virtual
     # The middle starts on a whole chunk of positions past the padding, where every tile's keys are
     # real tokens and every query is past the prefix.
     start = min(n, pad + -(-max(R - 1, prefix_end - pad) // C) * C)
     end = start + (n - start) // C * C
-    spans = [(0, start, P, P + start, None)] if start else []
+    # Padding queries see only themselves and the virtual keys, unless a prefix (which they see too)
+    # puts them in the dense head.
+    alone = pad if prefix_end <= pad else 0
+    spans = [(0, alone, P, P + alone, "padding")] if alone else []
+    if start > alone:
+        spans.append((alone, start, P + alone, P + start, None))
     group = max(1, GROUP_QUERIES // C)
     for c0 in range((start - pad) // C, (end - pad) // C, group):  # chunks, counted in positions
         c1 = min(c0 + group, (end - pad) // C)
         spans.append((pad + c0 * C, pad + c1 * C, P + pad + c0 * C - (R - 1), P + pad + c1 * C, c0))
     if end < n:
-        spans.append((end, n, P, P + n, None))
+        spans.append((end, n, P + alone, P + n, None))
     rule = replace(plan.visible, prefix_end=None, key_valid=None)  # past the padding and the prefix
 
     def run(span, q_g, k_g, v_g, virtual_k, virtual_v, *far):
         q_lo, q_hi, k_lo, k_hi, c0 = span
-        if c0 is None:  # under the full rule: padding, prefix and all
+        if c0 == "padding":  # a padding query sees itself and the virtual keys (as the rule says), nothing else
+            def each(x):  # [1, heads, m, D] -> [m, heads, 1, D]: one query or key per batch item
+                return x.squeeze(0).transpose(0, 1).unsqueeze(2)
+
+            keys, values = ([x.squeeze(0).expand(q_hi - q_lo, *x.shape[1:]), each(own)]
+                            for x, own in ((virtual_k, k_g), (virtual_v, v_g)))
+            out = sdpa(each(q_g), torch.cat(keys, 2), torch.cat(values, 2), None, False)
+            return out.squeeze(2).transpose(0, 1).unsqueeze(0)
+        if c0 is None:  # under the full rule: prefix and all (keys from the row's first real token)
             q_slots = torch.arange(q_lo, q_hi, device=q.device).view(1, -1, 1)
-            allowed = plan.visible(q_slots, torch.arange(k_hi - k_lo, device=q.device).view(1, 1, -1))
+            allowed = plan.visible(q_slots, torch.arange(k_lo - P, k_hi - P, device=q.device).view(1, 1, -1))
             allowed = with_virtual(allowed[b:b + 1, None] if allowed.shape[0] > 1 else allowed[:, None], P)
             return sdpa(q_g, torch.cat([virtual_k, k_g], 2), torch.cat([virtual_v, v_g], 2), allowed, False)
         return _chunks(q_g, k_g, v_g, (virtual_k, virtual_v), far, rule, plan, c0)
