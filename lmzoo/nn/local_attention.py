@@ -88,43 +88,17 @@ def plan_for(c: Config, sparse: bool, windowed: bool, T: int, visible: Visibilit
 
 
 def local_attention(q, k, v, plan: LocalPlan) -> torch.Tensor:
-    """q [B, H, n, D]; k, v [B, Hkv, P + n, D] (P virtual keys first) -> [B, H, n, D].
-
-    Row by row: a row's padding and prefix set where its middle starts."""
-    B = q.shape[0]
+    """q [B, H, n, D]; k, v [B, Hkv, P + n, D] (P virtual keys first) -> [B, H, n, D]."""
+    B, n = q.shape[0], q.shape[2]
+    C, P = plan.chunk, plan.n_virtual
     pad = plan.left_pad or [0] * B
-    prefix = plan.prefix_end or [0] * B
-    if B == 1:  # (no slices: each would cost a full-size gradient of its own)
-        return _row(q, k, v, plan, 0, pad[0], prefix[0])
-    return torch.cat([_row(q[b:b + 1], k[b:b + 1], v[b:b + 1], plan, b, pad[b], prefix[b]) for b in range(B)])
-
-
-def _row(q, k, v, plan: LocalPlan, b: int, pad: int, prefix_end: int):
-    """One row as spans of queries, in order: its padding, the dense head, groups of whole chunks,
-    the dense tail. A span is (q_lo, q_hi, k_lo, k_hi, first chunk, or None for dense, or
-    "padding"), in q's and k's own slots."""
-    n, C, R, P = q.shape[2], plan.chunk, plan.reach, plan.n_virtual
-    # The middle starts on a whole chunk of positions past the padding, where every tile's keys are
-    # real tokens and every query is past the prefix.
-    start = min(n, pad + -(-max(R - 1, prefix_end - pad) // C) * C)
-    end = start + (n - start) // C * C
-    # Padding queries see only themselves and the virtual keys, unless a prefix (which they see too)
-    # puts them in the dense head.
-    alone = pad if prefix_end <= pad else 0
-    spans = [(0, alone, P, P + alone, "padding")] if alone else []
-    if start > alone:
-        spans.append((alone, start, P + alone, P + start, None))
-    group = max(1, GROUP_QUERIES // C)
-    for c0 in range((start - pad) // C, (end - pad) // C, group):  # chunks, counted in positions
-        c1 = min(c0 + group, (end - pad) // C)
-        spans.append((pad + c0 * C, pad + c1 * C, P + pad + c0 * C - (R - 1), P + pad + c1 * C, c0))
-    if end < n:
-        spans.append((end, n, P + alone, P + n, None))
+    spans = [span for b in range(B) for span in _row_spans(plan, n, b, pad[b], (plan.prefix_end or [0] * B)[b])]
     rule = replace(plan.visible, prefix_end=None, key_valid=None)  # past the padding and the prefix
 
     def run(span, q_g, k_g, v_g, virtual_k, virtual_v, *far):
-        q_lo, q_hi, k_lo, k_hi, c0 = span
-        if c0 == "padding":  # a padding query sees itself and the virtual keys (as the rule says), nothing else
+        b, q_lo, q_hi, k_lo, k_hi, kind = span
+        virtual_k, virtual_v = virtual_k[b:b + 1], virtual_v[b:b + 1]
+        if kind == "padding":  # a padding query sees itself and the virtual keys (as the rule says), nothing else
             def each(x):  # [1, heads, m, D] -> [m, heads, 1, D]: one query or key per batch item
                 return x.squeeze(0).transpose(0, 1).unsqueeze(2)
 
@@ -132,27 +106,55 @@ def _row(q, k, v, plan: LocalPlan, b: int, pad: int, prefix_end: int):
                             for x, own in ((virtual_k, k_g), (virtual_v, v_g)))
             out = sdpa(each(q_g), torch.cat(keys, 2), torch.cat(values, 2), None, False)
             return out.squeeze(2).transpose(0, 1).unsqueeze(0)
-        if c0 is None:  # under the full rule: prefix and all (keys from the row's first real token)
+        if kind is None:  # under the full rule: prefix and all (keys from the row's first real token)
             q_slots = torch.arange(q_lo, q_hi, device=q.device).view(1, -1, 1)
             allowed = plan.visible(q_slots, torch.arange(k_lo - P, k_hi - P, device=q.device).view(1, 1, -1))
             allowed = with_virtual(allowed[b:b + 1, None] if allowed.shape[0] > 1 else allowed[:, None], P)
             return sdpa(q_g, torch.cat([virtual_k, k_g], 2), torch.cat([virtual_v, v_g], 2), allowed, False)
-        return _chunks(q_g, k_g, v_g, (virtual_k, virtual_v), far, rule, plan, c0)
+        # the far columns of this row, from its first real token: every key (strided), the summaries (fixed)
+        far = [x[b:b + 1, :, pad[b]:] if plan.far == "strided" else x[b:b + 1] for x in far]
+        return _chunks(q_g, k_g, v_g, (virtual_k, virtual_v), far, rule, plan, kind)
 
-    # Read by every group: the virtual keys, and the far columns (every key of the row for strided,
-    # the summary keys for fixed), so that each group's gradient of them adds into one tensor.
+    # Read by every span: the virtual keys, and the far columns, so that each span's gradient of
+    # them adds into one tensor.
     shared = [k[:, :, :P], v[:, :, :P]]
-    if plan.far:
-        text = [x[:, :, P + pad:] for x in (k, v)]
-        shared += text if plan.far == "strided" else [_summaries(x, C, plan.visible.summary) for x in text]
+    if plan.far == "strided":
+        shared += [k[:, :, P:], v[:, :, P:]]
+    elif plan.far == "fixed":
+        shared += [_summaries(x[:, :, P:], C, plan.visible.summary, pad) for x in (k, v)]
     return InGroups.apply(run, spans, q, k, v, *shared)
 
 
+def _row_spans(plan: LocalPlan, n: int, b: int, pad: int, prefix_end: int) -> list[tuple]:
+    """Row b as spans of queries, in order: its padding, the dense head, groups of whole chunks, the
+    dense tail. A span is (b, q_lo, q_hi, k_lo, k_hi, kind), in q's and k's own slots; kind is the
+    group's first chunk (counted in positions), None for dense, or "padding"."""
+    C, R, P = plan.chunk, plan.reach, plan.n_virtual
+    # The middle starts on a whole chunk of positions past the padding, where every tile's keys are
+    # real tokens and every query is past the prefix.
+    start = min(n, pad + -(-max(R - 1, prefix_end - pad) // C) * C)
+    end = start + (n - start) // C * C
+    # Padding queries see only themselves and the virtual keys, unless a prefix (which they see too)
+    # puts them in the dense head.
+    alone = pad if prefix_end <= pad else 0
+    spans = [(b, 0, alone, P, P + alone, "padding")] if alone else []
+    if start > alone:
+        spans.append((b, alone, start, P + alone, P + start, None))
+    group = max(1, GROUP_QUERIES // C)
+    for c0 in range((start - pad) // C, (end - pad) // C, group):
+        c1 = min(c0 + group, (end - pad) // C)
+        spans.append((b, pad + c0 * C, pad + c1 * C, P + pad + c0 * C - (R - 1), P + pad + c1 * C, c0))
+    if end < n:
+        spans.append((b, end, n, P + alone, P + n, None))
+    return spans
+
+
 class InGroups(torch.autograd.Function):
-    """out = run(span, q[q_lo:q_hi], k[k_lo:k_hi], v[k_lo:k_hi], *shared) for each span, joined
-    along the queries; backward recomputes one span at a time, so only one span's intermediate
-    tensors (tiles, scores, their gradients) live at once. The spans' queries do not overlap;
-    their keys may, and their gradients add up. `shared` tensors are read whole by every span."""
+    """out[b, q_lo:q_hi] = run(span, q[b, q_lo:q_hi], k[b, k_lo:k_hi], v[b, k_lo:k_hi], *shared) for
+    each span (b, q_lo, q_hi, k_lo, k_hi, ...); backward recomputes one span at a time, so only one
+    span's intermediate tensors (tiles, scores, their gradients) live at once. The spans' queries do
+    not overlap; their keys may, and their gradients add up. `shared` tensors are read whole by
+    every span."""
 
     @staticmethod
     def forward(ctx, run, spans, q, k, v, *shared):
@@ -161,8 +163,19 @@ class InGroups(torch.autograd.Function):
         # Laid out [B, n, H, D], as SDPA's own output, so the caller's transpose back is a view
         out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
         for s in spans:
-            out[:, :, s[0]:s[1]] = run(s, q[:, :, s[0]:s[1]], k[:, :, s[2]:s[3]], v[:, :, s[2]:s[3]], *shared)
+            out[InGroups.where(s, 0)] = run(s, *InGroups.parts(s, q, k, v), *shared)
         return out
+
+    @staticmethod
+    def where(s, i: int) -> tuple:
+        """The index of span s in input i: its queries in q (0), its keys in k and v (1, 2), all of a shared one."""
+        if i >= 3:
+            return (slice(None),)
+        return slice(s[0], s[0] + 1), slice(None), slice(s[1], s[2]) if i == 0 else slice(s[3], s[4])
+
+    @staticmethod
+    def parts(s, q, k, v):
+        return q[InGroups.where(s, 0)], k[InGroups.where(s, 1)], v[InGroups.where(s, 2)]
 
     @staticmethod
     def backward(ctx, grad):
@@ -171,18 +184,18 @@ class InGroups(torch.autograd.Function):
         grads = [torch.zeros_like(x) if need and x.numel() else None
                  for x, need in zip([q, k, v, *shared], ctx.needs_input_grad[2:], strict=True)]
         for s in ctx.spans:
-            parts = [q[:, :, s[0]:s[1]], k[:, :, s[2]:s[3]], v[:, :, s[2]:s[3]], *shared]
+            parts = [*InGroups.parts(s, q, k, v), *shared]
             with torch.enable_grad():
                 leaves = [x.detach().requires_grad_(g is not None) for x, g in zip(parts, grads, strict=True)]
                 out = ctx.run(s, *leaves)
                 wanted = [x for x in leaves if x.requires_grad]
                 # allow_unused: a span may not read every shared tensor (no virtual keys, say)
-                got = iter(torch.autograd.grad(out, wanted, grad[:, :, s[0]:s[1]], allow_unused=True) if wanted else ())
+                got = iter(torch.autograd.grad(out, wanted, grad[InGroups.where(s, 0)], allow_unused=True)
+                           if wanted else ())
             for i, total in enumerate(grads):
                 part = next(got) if total is not None else None
                 if part is not None:
-                    where = (slice(s[0], s[1]) if i == 0 else slice(s[2], s[3])) if i < 3 else slice(None)
-                    total[:, :, where] += part
+                    total[InGroups.where(s, i)] += part
         return None, None, *grads
 
 
@@ -226,10 +239,15 @@ def _chunks(q, k, v, virtual, far, rule: Visibility, plan: LocalPlan, c0: int):
     return out.reshape(1, H, n_q, D)
 
 
-def _summaries(x: torch.Tensor, C: int, S: int) -> torch.Tensor:
-    """The fixed pattern's summary keys: the last S positions of every whole block, [1, Hkv, n_blocks·S, D]."""
-    n_blocks = x.shape[2] // C
-    return x[:, :, :n_blocks * C].unflatten(2, (n_blocks, C))[:, :, :, C - S:].flatten(2, 3)
+def _summaries(x: torch.Tensor, C: int, S: int, pad: list[int]) -> torch.Tensor:
+    """The fixed pattern's summary keys of each row: the last S positions of every block, counted
+    from the row's first real token (its padding skipped), [B, Hkv, n_blocks·S, D]. A row with more
+    padding has fewer blocks: its index runs past the end there (clamped), and is never read."""
+    B, Hkv, n, D = x.shape
+    n_blocks = (n - min(pad)) // C
+    slots = (torch.arange(n_blocks, device=x.device)[:, None] * C + C - S + torch.arange(S, device=x.device)).flatten()
+    slots = (torch.tensor(pad, device=x.device)[:, None] + slots).clamp(max=n - 1)  # [B, n_blocks·S]
+    return x.gather(2, slots.view(B, 1, -1, 1).expand(B, Hkv, n_blocks * S, D))
 
 
 def _chunked_sdpa(q_chunks, near, shared):
