@@ -10,10 +10,12 @@ the C+w-1 keys that end with it, in one batched SDPA call over many chunks:
 
 The tiles are views of the keys (overlapping windows, no copy), and one [C, C+w-1] mask serves
 every chunk: within a row's real tokens the rule depends only on positions relative to the chunk.
-The rows around that middle are attended densely, under the full rule:
-- the head: the first w-1 or so queries (whose band would reach before the first key), a
-  prefix LM's prefix (read both ways, all of it: dense anyway), and a row's left padding;
-- the tail: the last queries that do not fill a chunk.
+Around that middle, each row has
+- its left padding: a padding query sees only itself (and virtual keys), so it is scored alone;
+- the head, attended densely under the full rule: the first w-1 or so queries (whose band would
+  reach before the first key), and a prefix LM's prefix (read both ways, all of it: dense anyway;
+  a prefix also takes in the row's padding, which sees it);
+- the tail, densely too: the last queries that do not fill a chunk.
 
 The strided and fixed patterns also keep columns further back, which are no band:
 - strided: every key a multiple of `block` back. A query's residue mod block picks them, so
@@ -23,9 +25,10 @@ Those far scores join the band's in one softmax (each key counted once: the far 
 only keys before the band's tile). So the total is O(n·(w + n/block)) for strided and
 O(n·(w + n·summary/block)) for fixed.
 
-Memory: the middle runs a group of chunks at a time, and backward recomputes one group's scores
-at a time (InGroups), so what it holds beyond the inputs and their gradients is one group's
-tiles, not n·(C+w) gradients of overlapping tiles.
+Memory: every row's padding, head, groups of chunks and tail are spans of one InGroups call, which
+runs them in turn, and backward recomputes one span's scores at a time. So what it holds beyond
+the inputs, the output and their gradients is one span's tiles, not n·(C+w) gradients of
+overlapping tiles.
 
 Every mask comes from the same Visibility rule as the masked path, so both paths compute the
 same function: that is tested to 1e-5, gradients too. A tile has to contain every key its rule
