@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import lmzoo  # noqa: E402
-from lmzoo.show.attention_cost import as_table, run, save_plot  # noqa: E402
+from lmzoo.show.attention_cost import as_table, median_seconds, run, save_plot  # noqa: E402
 
 
 def layer_costs(lengths, repeats):
@@ -59,22 +59,14 @@ def kernel_rates(n, heads=12, head_size=64, blocks=(64, 256, 1024), repeats=3):
     head), and unmasked blocks of C queries by C keys (n·C per head), the chunks a band is made of."""
     q, k, v = (torch.randn(1, heads, n, head_size) for _ in range(3))
 
-    def median_seconds(f):
-        f()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rates = {}
     with torch.no_grad():
-        rates["dense causal"] = median_seconds(lambda: sdpa(q, k, v, is_causal=True)) / (heads * n * n / 2) * 1e9
+        dense_s = median_seconds(lambda: sdpa(q, k, v, is_causal=True), repeats)
+        rates["dense causal"] = dense_s / (heads * n * n / 2) * 1e9
         for C in blocks:
             qb, kb, vb = (x.view(heads, n // C, C, head_size).transpose(0, 1) for x in (q, k, v))
-            rates[f"blocks of {C}"] = median_seconds(lambda: sdpa(qb, kb, vb)) / (heads * n * C) * 1e9  # noqa: B023
+            rates[f"blocks of {C}"] = median_seconds(lambda: sdpa(qb, kb, vb), repeats) / (heads * n * C) * 1e9  # noqa: B023
     print("\nSDPA's CPU kernel, ns per score:")
     for name, ns in rates.items():
         print(f"{name:>18}: {ns:.2f}")

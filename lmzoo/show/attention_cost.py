@@ -91,6 +91,18 @@ def peak_extra_bytes(fn) -> int | None:
     return None if base is None else max(0, peak - base)
 
 
+def median_seconds(f, repeats: int) -> float:
+    """Median wall time of f() over `repeats` runs, after one untimed warm-up run (first-call
+    allocations and kernel selection)."""
+    f()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def measure(kind: str, n: int, *, heads: int = 12, head_size: int = 64, width: int = 256, summary: int = 8,
             repeats: int = 3, seed: int = 0, memory: bool = True) -> dict:
     """One kind at one length: {'pattern', 'n', 'forward_s', 'train_s'} with memory=False, else
@@ -108,17 +120,9 @@ def measure(kind: str, n: int, *, heads: int = 12, head_size: int = 64, width: i
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
         fn(qg, kg, vg).backward(grad)
 
-    def timed(f):
-        f()  # warm-up: first-call allocations and kernel selection
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     if not memory:
-        return {"pattern": kind, "n": n, "forward_s": timed(forward), "train_s": timed(train)}
+        return {"pattern": kind, "n": n, "forward_s": median_seconds(forward, repeats),
+                "train_s": median_seconds(train, repeats)}
     train()  # warm-up, as for the times
     return {"pattern": kind, "n": n, "peak_bytes": peak_extra_bytes(train)}
 
